@@ -1,0 +1,20 @@
+"""vitprune: a compiler that makes pre-trained Vision Transformers faster without fine-tuning.
+
+``vitprune.compile(model, passes=[...], backend=..., example_inputs=x)`` captures the model
+into a torch.fx graph, runs pruning passes over its attention sites, lowers the result to a
+backend and returns a callable :class:`CompiledModule`; ``vitprune.load(path)`` reads back
+an exported artefact.
+"""
+
+__version__ = "0.1.0"
+
+from . import errors, passes  # noqa: E402
+from .api import CompiledModule, CompileReport, compile  # noqa: E402
+from .backends import load  # noqa: E402
+from .ir import capture, find_attention_sites  # noqa: E402
+from .passes import ExplicitAttention, Pass, PassContext  # noqa: E402
+
+__all__ = [
+    "compile", "load", "CompiledModule", "CompileReport", "capture", "find_attention_sites",
+    "Pass", "PassContext", "ExplicitAttention", "errors", "passes", "__version__",
+]

@@ -1,0 +1,174 @@
+"""``vitprune.compile()``: capture, run the pass pipeline, lower, wrap the result."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from . import __version__
+from .backends import get_backend
+from .errors import InvalidPassConfigError, ParityError
+from .eval.flops import gmacs
+from .ir.capture import capture, check_example_inputs
+from .passes.base import Pass, PassContext, parse_pass_spec
+
+
+@dataclass
+class CompileReport:
+    """What compile() did: per pass its configuration and what it changed; GMACs before/after.
+
+    GMACs are multiply-accumulates per image / 1e9 (the papers' "GFLOPs").
+    """
+
+    model: str
+    backend: str
+    input_shape: list
+    gmacs_before: float
+    gmacs_after: float
+    passes: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def gmacs_ratio(self) -> float:
+        return self.gmacs_after / self.gmacs_before if self.gmacs_before else float("nan")
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model, "backend": self.backend, "input_shape": self.input_shape,
+            "gmacs_before": self.gmacs_before, "gmacs_after": self.gmacs_after,
+            "passes": self.passes, "seconds": round(self.seconds, 2), "vitprune_version": __version__,
+        }
+
+    def to_json(self, path: Optional[str] = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, default=str)
+        if path:
+            with open(path, "w") as f:
+                f.write(text)
+        return text
+
+    def __str__(self) -> str:
+        lines = [f"{self.model} -> {self.backend}: {self.gmacs_before:.3f} -> {self.gmacs_after:.3f} GMACs "
+                 f"({100 * (1 - self.gmacs_ratio):.1f}% fewer)"]
+        for p in self.passes:
+            info = {k: v for k, v in p.items() if k not in ("pass", "config")}
+            lines.append(f"  {p['pass']}: {json.dumps(info, default=str)[:200]}")
+        return "\n".join(lines)
+
+
+class CompiledModule:
+    """The result of :func:`compile`: callable on ``[B, 3, H, W]`` float32 images -> logits.
+
+    Attributes:
+        graph_module: the transformed torch.fx GraphModule (the IR after all passes).
+        report: the :class:`CompileReport`.
+        lowered: the backend module that runs.
+    """
+
+    def __init__(self, graph_module: GraphModule, lowered, report: CompileReport, passes: Sequence[Pass],
+                 example_inputs: tuple):
+        self.graph_module = graph_module
+        self.lowered = lowered
+        self.report = report
+        self.passes = list(passes)
+        self.example_inputs = example_inputs
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lowered(x)
+
+    def manifest(self) -> dict:
+        """What an exported artefact records: how it was made, so it can be rebuilt."""
+        return {
+            "format": "vitprune", "vitprune_version": __version__, "model": self.report.model,
+            "backend": self.report.backend, "input_shape": self.report.input_shape,
+            "passes": [p.config() for p in self.passes],
+            "gmacs_before": self.report.gmacs_before, "gmacs_after": self.report.gmacs_after,
+        }
+
+    def export(self, path: str) -> str:
+        """Write the compiled model to ``path``; the suffix picks the format the backend writes
+        (``.pt2`` torch.export archive for the torch backend). ``vitprune.load(path)`` reads it.
+        """
+        return self.lowered.export(path, self.manifest())
+
+
+def _as_pass(p: Union[Pass, str, dict]) -> Pass:
+    if isinstance(p, Pass):
+        p.validate()
+        return p
+    if isinstance(p, str):
+        return parse_pass_spec(p)
+    if isinstance(p, dict):
+        return Pass.from_config(p)
+    raise InvalidPassConfigError(f"a pass must be a Pass instance, a spec string or a config dict, got {type(p).__name__}")
+
+
+def default_example_inputs(model: nn.Module) -> tuple:
+    """A zero image batch ``[1, 3, H, W]`` at the model's configured input size (timm's
+    ``pretrained_cfg['input_size']``, else 224 x 224)."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    c, h, w = cfg.get("input_size", (3, 224, 224))
+    return (torch.zeros(1, c, h, w),)
+
+
+def compile(model: nn.Module, passes: Sequence[Union[Pass, str, dict]] = (), backend: str = "torch",
+            example_inputs: Any = None, calibration: Optional[torch.Tensor] = None, progress: bool = True,
+            check_parity: Union[bool, str] = True, atol: float = 1e-4, **backend_options: Any) -> CompiledModule:
+    """Compile a pre-trained ViT: capture, run ``passes`` in order, lower to ``backend``.
+
+    Args:
+        model: a timm, torchvision or Hugging Face ViT classifier. Never mutated.
+        passes: Pass instances, spec strings (``"zero-tprune:target_gmacs=0.96"``) or config dicts.
+        backend: ``"torch"`` (more with the ONNX and TVM backends installed).
+        example_inputs: ``[B, 3, H, W]`` float tensor; default zeros at the model's input size.
+        calibration: calibration images ``[N, 3, H, W]`` for passes that need data.
+        progress: show progress bars during long passes.
+        check_parity: compare the lowered module with the eager graph on ``example_inputs``;
+            True raises :class:`ParityError`, ``"warn"`` warns, False skips.
+        atol: parity tolerance on logits (max abs difference).
+        **backend_options: passed to the backend's ``lower`` (``mode="compile"``, ``target=``...).
+
+    Returns:
+        a :class:`CompiledModule`.
+
+    Raises:
+        UnsupportedModelError, InvalidPassConfigError, BackendError, ParityError.
+    """
+    t0 = time.time()
+    pass_list = [_as_pass(p) for p in passes]  # validate every config before touching a graph
+    example = check_example_inputs(example_inputs) if example_inputs is not None else default_example_inputs(model)
+    gm = capture(model, example)
+    image_shape = tuple(example[0].shape[1:])
+    before = gmacs(gm, image_shape)
+    ctx = PassContext(example_inputs=example, calibration=calibration, progress=progress)
+    for p in pass_list:
+        ctx.records.append({"pass": p.name, "config": p.config()})
+        gm = p(gm, ctx)
+    after = gmacs(gm, image_shape) if pass_list else before
+    lowered = get_backend(backend).lower(gm, example, **backend_options)
+    if check_parity:
+        _check_parity(gm, lowered, example, atol, warn_only=check_parity == "warn", backend=backend)
+    report = CompileReport(model=gm.meta.get("vitprune_model_class", type(model).__name__), backend=backend,
+                           input_shape=list(example[0].shape), gmacs_before=before, gmacs_after=after,
+                           passes=ctx.records, seconds=time.time() - t0)
+    return CompiledModule(gm, lowered, report, pass_list, example)
+
+
+def _check_parity(gm: GraphModule, lowered, example: tuple, atol: float, warn_only: bool, backend: str) -> None:
+    with torch.no_grad():
+        ref = gm(*example)
+        out = lowered(*example)
+    diff = (out.float() - ref.float()).abs().max().item()
+    if diff > atol:
+        msg = (f"backend {backend!r}: lowered module differs from eager PyTorch by {diff:.2e} (max abs logit "
+               f"difference) > atol {atol:.0e}; pass check_parity='warn' to continue anyway")
+        if warn_only:
+            warnings.warn(msg, stacklevel=3)
+        else:
+            raise ParityError(msg)
