@@ -16,6 +16,7 @@ from torch import nn
 from torch.export import Dim
 
 from ..errors import UnsupportedModelError
+from .rewrite import drop_trivial_masks
 
 #: Upper bound of the dynamic batch dimension in captured graphs.
 MAX_BATCH = 4096
@@ -133,6 +134,8 @@ def capture(model: nn.Module, example_inputs) -> torch.fx.GraphModule:
             f"cannot capture {name} with torch.export: {type(exc).__name__}: {first_line[:300]}"
         ) from exc
     gm = ep.module()
+    if drop_trivial_masks(gm, example):
+        gm = recapture(gm, example)
     gm.meta["vitprune_model_class"] = name
     return gm
 
