@@ -26,7 +26,7 @@ from .similarity import key_features, s_stage
 from .token_select import gather_attention, gather_tokens, topk_keep
 from .wpr import wpr
 
-__all__ = ["select_tokens", "IMPORTANCES"]
+__all__ = ["select_tokens", "random_keep", "IMPORTANCES"]
 
 IMPORTANCES = ("wpr", "cls", "random")
 
@@ -35,6 +35,12 @@ def _random_scores(b: int, n: int, seed: int, device) -> torch.Tensor:
     rng = _random.Random(seed)
     vals = [rng.random() for _ in range(n)]
     return torch.tensor(vals, dtype=torch.float32, device=device).unsqueeze(0).expand(b, n)
+
+
+def random_keep(x: torch.Tensor, n_keep: int, num_prefix: int, seed: int = 0) -> torch.Tensor:
+    """Random dropping: ``[B, n_keep]`` kept indices of tokens ``x [B, N, C]`` by a fixed
+    pseudo-random score per position (same positions for every image), prefix first."""
+    return topk_keep(_random_scores(x.shape[0], x.shape[1], seed, x.device), n_keep, num_prefix)
 
 
 def select_tokens(attn: torch.Tensor, keys: torch.Tensor, n_after_s: int, n_keep: int, num_prefix: int,
