@@ -82,3 +82,21 @@ def test_draw_writes_png(tmp_path):
     out = draw_kept_tokens(np.random.rand(64, 64, 3), layers, str(tmp_path / "k.png"), num_prefix=1, title="t")
     data = open(out, "rb").read(8)
     assert data == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_viz_writes_png_and_groups(tmp_path):
+    from PIL import Image
+
+    from vitprune.cli import main
+
+    img = tmp_path / "n0_x.JPEG"
+    Image.fromarray((np.random.default_rng(0).uniform(0, 255, (240, 260, 3))).astype(np.uint8)).save(img)
+    out, js = tmp_path / "map.png", tmp_path / "map.json"
+    rc = main(["viz", "--model", "deit_tiny_patch16_224", "--image", str(img), "--pass", "tome:r=20",
+               "--out", str(out), "--json", str(js)])
+    assert rc == 0 and open(out, "rb").read(4) == b"\x89PNG"
+    import json
+    layers = json.load(open(js))["layers"]
+    assert [L["tokens"] for L in layers][:3] == [177, 157, 137]  # 197 - 20 per block, CLS included
+    assert rc == 0
+    assert main(["viz", "--model", "deit_tiny_patch16_224", "--image", str(img), "--out", str(out)]) == 2
