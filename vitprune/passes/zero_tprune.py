@@ -394,11 +394,11 @@ class ZeroTPrune(Pass):
             tokens_per_layer=[lp.n_out for lp in plans],
             tokens_per_block=tokens_per_block(info, plans),
             r_s=[lp.r_s for lp in plans], r_i=[lp.r_i for lp in plans], iters=[lp.iters for lp in plans],
-            gmacs_dense=round(info.dense_gmacs, 5), gmacs_analytic=round(analytic, 5),
+            gmacs_dense=round(info.dense_gmacs, 6), gmacs_analytic=round(analytic, 6),
             gmacs_includes="explicit attention, WPR iterations and S-stage similarity of the pruning layers",
         )
         if self.target_gmacs is not None or self.preset is not None:
-            rec["gmacs_target"] = round(self._target(info), 5)
+            rec["gmacs_target"] = round(self._target(info), 6)
         if self.record_indices:
             rec["kept_indices"] = [t.tolist() for t in kept_token_indices(gm, ctx.example_inputs[0])]
         ctx.record(**rec)
