@@ -3,6 +3,9 @@
     vitprune info --model NAME
     vitprune eval --model NAME [--weights FILE.safetensors] --data DIR [--pass SPEC]...
                   [--backend B] [--batch-size N] [--threads T] [--limit N] [--json OUT]
+    vitprune viz --model NAME [--weights FILE] --image IMG --pass SPEC [--pass SPEC]... --out PNG
+    vitprune search --model NAME [--weights FILE] --data DIR --target-gmacs G [--trials N]
+                    [--images N] [--seed S] --out BEST.json
 
 ``SPEC`` is ``name[:key=value[,key=value]]``; repeated ``--pass`` options run in order.
 Errors print one line ``vitprune: error: ...`` and exit with status 2.
@@ -114,6 +117,62 @@ def cmd_eval(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2, default=str)
+    return 0
+
+
+def _viz_args(p):
+    add_model_args(p)
+    p.add_argument("--image", required=True, help="image file to draw the kept-token map of")
+    add_pass_args(p)
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--json", help="also write the per-layer token groups as JSON")
+
+
+@command("viz", _viz_args)
+def cmd_viz(args) -> int:
+    """Draw which patches each pruning / merging layer keeps for one image (PNG)."""
+    from .eval.viz import kept_token_map
+    from .models import load_model
+
+    if not args.passes:
+        raise ValueError("viz needs at least one token pass, e.g. --pass zero-tprune:target_gmacs=0.96")
+    model = load_model(args.model, args.weights)
+    res = kept_token_map(model, args.image, args.passes, args.out)
+    if not res["layers"]:
+        raise ValueError(f"the passes {args.passes} prune or merge no tokens; nothing to draw")
+    print(f"wrote {res['out']}: {len(res['layers'])} layers, {res['gmacs']:.3f} GMACs")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f)
+    return 0
+
+
+def _search_args(p):
+    add_model_args(p)
+    p.add_argument("--data", required=True, help="calibration folder of <synset>_*.JPEG images with synsets.txt")
+    p.add_argument("--target-gmacs", type=float, required=True, help="GMACs budget per image")
+    p.add_argument("--trials", type=int, default=20, help="random schedules to try")
+    p.add_argument("--images", type=int, default=100, help="calibration images (the first N of the folder)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
+    p.add_argument("--out", required=True, help="JSON file for the best zero-tprune config")
+    p.add_argument("--no-progress", action="store_true")
+
+
+@command("search", _search_args)
+def cmd_search(args) -> int:
+    """Monte Carlo search of a Zero-TPrune schedule for a GMACs budget on calibration images."""
+    from .models import load_model
+    from .search import search_schedule
+
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model, args.weights)
+    best = search_schedule(model, args.data, args.target_gmacs, trials=args.trials, images=args.images,
+                           seed=args.seed, progress=not args.no_progress)
+    with open(args.out, "w") as f:
+        json.dump(best, f, indent=2)
+    print(f"best of {args.trials}: agreement {best['agreement']:.1f} % on {best['images']} images, "
+          f"{best['gmacs']:.3f} GMACs -> {args.out}")
     return 0
 
 

@@ -4,3 +4,5 @@ from .base import PASS_REGISTRY, Pass, PassContext, parse_pass_spec, register_pa
 from .explicit_attention import ExplicitAttention
 
 __all__ = ["PASS_REGISTRY", "Pass", "PassContext", "parse_pass_spec", "register_pass", "ExplicitAttention"]
+from .tome import ToMe  # noqa: E402,F401  (registers "tome")
+from .zero_tprune import ZeroTPrune, kept_token_indices  # noqa: E402,F401  (registers "zero-tprune")

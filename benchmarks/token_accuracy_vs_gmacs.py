@@ -1,0 +1,122 @@
+"""Accuracy vs GMACs of token pruning / merging on a folder of real images.
+
+Compares, at the same GMACs budgets, Zero-TPrune (WPR importance), CLS-attention top-k
+(``importance=cls``), random dropping (``importance=random``) and ToMe, by top-1 and top-1
+agreement with the unpruned model. Prints a markdown table and writes a PNG plot.
+
+    PYTHONPATH=. python benchmarks/token_accuracy_vs_gmacs.py \
+        --weights ../shared/models/deit_tiny_patch16_224.safetensors \
+        --data ../shared/data/imagenet-sample --budgets 0.96 0.85 0.75 --out docs/accuracy_vs_gmacs.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+import vitprune
+from vitprune.eval.data import ImageFolder, make_loader
+from vitprune.models import eval_transform, load_model
+
+METHODS = {
+    "zero-tprune": "zero-tprune:target_gmacs={g}",
+    "cls-attention top-k": "zero-tprune:target_gmacs={g},importance=cls",
+    "random drop": "zero-tprune:target_gmacs={g},importance=random",
+    "tome": "tome:target_gmacs={g}",
+}
+
+
+@torch.no_grad()
+def predict(fn, batches) -> torch.Tensor:
+    return torch.cat([fn(x).argmax(-1) for x in batches])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="deit_tiny_patch16_224")
+    ap.add_argument("--weights", default="../shared/models/deit_tiny_patch16_224.safetensors")
+    ap.add_argument("--data", default="../shared/data/imagenet-sample")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.96, 0.85, 0.75])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--limit", type=int, help="first N images only")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument("--out", default="docs/accuracy_vs_gmacs.png")
+    ap.add_argument("--json", help="write the rows as JSON")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model = load_model(args.model, args.weights)
+    ds = ImageFolder(args.data, eval_transform(model), limit=args.limit)
+    batches, labels = [], []
+    for x, y, _ in tqdm(make_loader(ds, args.batch_size), desc="load images", leave=False):
+        batches.append(x)
+        labels.append(y)
+    labels = torch.cat(labels)
+    ref = predict(model, tqdm(batches, desc="unpruned", leave=False))
+    base_top1 = 100.0 * float((ref == labels).float().mean())
+    base = vitprune.compile(model, [], example_inputs=batches[0][:2], progress=False).report.gmacs_before
+    rows = [{"method": "unpruned", "spec": "-", "gmacs": base, "top1": base_top1, "agreement": 100.0}]
+    for g in args.budgets:
+        for name in args.methods:
+            spec = METHODS[name].format(g=g)
+            t0 = time.time()
+            try:
+                c = vitprune.compile(model, [spec], example_inputs=batches[0][:2], progress=False)
+            except Exception as exc:  # report, keep going with the other rows
+                rows.append({"method": name, "spec": spec, "error": f"{type(exc).__name__}: {exc}"[:200]})
+                print(f"{spec}: {rows[-1]['error']}")
+                continue
+            pred = predict(c, tqdm(batches, desc=spec, leave=False))
+            rows.append({"method": name, "spec": spec, "target": g, "gmacs": c.report.gmacs_after,
+                         "top1": 100.0 * float((pred == labels).float().mean()),
+                         "agreement": 100.0 * float((pred == ref).float().mean()),
+                         "seconds": round(time.time() - t0, 1)})
+    print(f"\n{args.model}, {len(labels)} images of {args.data}; GMACs = MACs/1e9 per image\n")
+    print("| method | budget | GMACs | top-1 % | Δ top-1 (pt) | agreement % |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['method']} | {r['spec']} | error | {r['error']} | | |")
+            continue
+        print(f"| {r['method']} | {r.get('target', '-')} | {r['gmacs']:.3f} | {r['top1']:.1f} | "
+              f"{r['top1'] - base_top1:+.1f} | {r['agreement']:.1f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"images": len(labels), "rows": rows}, f, indent=2)
+    plot(rows, base_top1, base, args.out, f"{args.model}, {len(labels)} images, no fine-tuning")
+
+
+def plot(rows: list, base_top1: float, base_gmacs: float, out: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    markers = {"zero-tprune": "o-", "cls-attention top-k": "s--", "random drop": "x:", "tome": "^-."}
+    for ax, key, ylabel in ((axes[0], "top1", "top-1 (%)"), (axes[1], "agreement", "top-1 agreement with unpruned (%)")):
+        for name, style in markers.items():
+            pts = sorted((r["gmacs"], r[key]) for r in rows if r["method"] == name and "error" not in r)
+            if pts:
+                ax.plot(*zip(*pts), style, label=name, markersize=7)
+        ax.axhline(base_top1 if key == "top1" else 100.0, color="grey", lw=0.8)
+        ax.plot([base_gmacs], [base_top1 if key == "top1" else 100.0], "k*", markersize=11, label="unpruned")
+        ax.set_xlabel("GMACs per image")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

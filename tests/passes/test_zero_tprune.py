@@ -1,0 +1,225 @@
+"""ZeroTPrune pass: identity at keep=1, batch independence, protected prefix tokens (CLS and
+distillation token), GMACs against an independent analytic count, budgets, export to ONNX
+Runtime and TVM, bad input rejected before any graph is touched."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer
+
+import vitprune
+from vitprune.errors import InvalidPassConfigError
+from vitprune.eval.flops import gmacs
+from vitprune.ir.capture import capture
+from vitprune.passes.base import Pass, PassContext, parse_pass_spec
+from vitprune.passes.zero_tprune import PRESETS, ZeroTPrune, kept_token_indices
+
+torch.set_num_threads(1)
+
+
+def tiny_vit(depth=4, img=64, dim=48, heads=3, seed=0):
+    torch.manual_seed(seed)
+    return VisionTransformer(img_size=img, patch_size=16, embed_dim=dim, depth=depth, num_heads=heads,
+                             num_classes=10).eval()
+
+
+def tiny_deit_distilled(depth=4, img=64, dim=48, heads=3, seed=0):
+    torch.manual_seed(seed)
+    return VisionTransformerDistilled(img_size=img, patch_size=16, embed_dim=dim, depth=depth, num_heads=heads,
+                                      num_classes=10).eval()
+
+
+def test_keep_all_reproduces_original_outputs_exactly():
+    m = tiny_vit()
+    x = torch.randn(2, 3, 64, 64)
+    c = vitprune.compile(m, [ZeroTPrune(prune_blocks=[0, 1, 2], keep=[1.0])], example_inputs=x)
+    assert c.report.passes[0]["tokens_per_block"] == [17, 17, 17, 17]
+    with torch.no_grad():
+        assert torch.equal(c(x), capture(m, (x,))(x))
+
+
+@pytest.mark.parametrize("importance", ["wpr", "cls", "random"])
+def test_batch_independence_and_prefix_kept_distilled(importance):
+    m = tiny_deit_distilled()                               # CLS at 0, distillation token at 1
+    x = torch.randn(3, 3, 64, 64)
+    p = ZeroTPrune(prune_blocks=[0, 1, 2], keep=[0.75, 0.7, 0.6], importance=importance)
+    c = vitprune.compile(m, [p], example_inputs=x)
+    rec = c.report.passes[0]
+    assert rec["tokens_per_block"] == [18, 14, 10, 7]        # 16 -> 12 -> 8 -> 5 patches, + 2 prefix
+    with torch.no_grad():
+        full = c(x)
+        for i in range(3):
+            torch.testing.assert_close(c(x[i:i + 1]), full[i:i + 1], atol=1e-5, rtol=1e-5)
+    kept = kept_token_indices(c, x)
+    assert [k.shape[1] for k in kept] == [14, 10, 7]
+    for k in kept:
+        assert torch.equal(k[:, :2], torch.tensor([[0, 1]] * 3))
+        assert bool((k[:, 1:] > k[:, :-1]).all())
+    for i in range(3):                                       # the kept sets are per sample
+        alone = kept_token_indices(c, x[i:i + 1])
+        assert all(torch.equal(a[0], k[i]) for a, k in zip(alone, kept))
+
+
+def test_nested_kept_indices_and_record_indices():
+    m = tiny_vit()
+    x = torch.randn(2, 3, 64, 64)
+    c = vitprune.compile(m, [ZeroTPrune(prune_blocks=[0, 2], keep=[0.75, 0.5], record_indices=True)], example_inputs=x)
+    kept = kept_token_indices(c, x)
+    assert set(kept[1][0].tolist()) <= set(kept[0][0].tolist())        # later layers keep a subset
+    assert c.report.passes[0]["kept_indices"] == [k.tolist() for k in kept]
+
+
+def analytic_macs(depth, n0, p, d, heads, mlp, patch_macs, num_classes, layers):
+    """Independent count: per block 4·N·D² + 2·N²·D + 2·N·D·M; per pruning layer I′ WPR (H·N²),
+    S-stage cosine (|A|·|B|·D) and I-stage WPR (T·H·N_s²). ``layers``: {block: (r_s, r_i, T)}."""
+    total, n = patch_macs + d * num_classes, n0
+    for blk in range(depth):
+        total += 4 * n * d * d + 2 * n * n * d + 2 * n * d * mlp
+        if blk in layers:
+            r_s, r_i, t = layers[blk]
+            if r_s:
+                m = n - p
+                total += heads * n * n + (m // 2) * ((m + 1) // 2) * d
+            if r_i:
+                total += t * heads * (n - r_s) ** 2
+            n -= r_s + r_i
+    return total / 1e9
+
+
+@pytest.mark.parametrize("kw,layers", [
+    (dict(prune_blocks=[0, 3], counts=[6, 3]), {0: (3, 3, 30), 3: (2, 1, 1)}),   # T: first 3 blocks 30, last 3 (of 5) 1
+    (dict(prune_blocks=[1], counts=[5], rs_ratio=1.0, layer_iters=[7]), {1: (5, 0, 7)}),
+    (dict(prune_blocks=[0, 1, 2], counts=[4], importance="cls"), {}),
+])
+def test_gmacs_match_independent_analytic_count(kw, layers):
+    depth, img = 5, 96
+    m = tiny_vit(depth=depth, img=img)                       # 36 patches + CLS
+    x = torch.randn(2, 3, img, img)
+    p = ZeroTPrune(**kw)
+    c = vitprune.compile(m, [p], example_inputs=x)
+    rec = c.report.passes[0]
+    if not layers:                                           # baselines: no pruning-layer work
+        layers = {b: (0, r, 0) for b, r in zip(kw["prune_blocks"], [4, 4, 4])}
+    assert rec["r_s"] == [v[0] for _, v in sorted(layers.items())]
+    want = analytic_macs(depth, 37, 1, 48, 3, 192, 36 * 48 * 3 * 256, 10, layers)
+    measured = gmacs(c.graph_module, (3, img, img))
+    assert abs(measured - want) <= 0.01 * want
+    assert abs(rec["gmacs_analytic"] - measured) <= 1e-3 * measured
+
+
+def test_target_gmacs_hit_within_one_percent():
+    m = tiny_vit(depth=6, img=96)
+    x = torch.randn(2, 3, 96, 96)
+    base = gmacs(capture(m, (x,)), (3, 96, 96))
+    for frac in (0.8, 0.65):
+        target = frac * base
+        c = vitprune.compile(m, [ZeroTPrune(prune_blocks=[0, 1, 2, 3], target_gmacs=target)], example_inputs=x)
+        measured = gmacs(c.graph_module, (3, 96, 96))
+        assert abs(measured - target) <= 0.01 * target, (measured, target)
+        assert c.report.passes[0]["gmacs_target"] == pytest.approx(target, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_preset_a_on_deit_small_is_2_97_gmacs():
+    import timm
+
+    m = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+    gm = capture(m, (torch.zeros(2, 3, 224, 224),))
+    plans, g = ZeroTPrune(preset="a").plan(gm)
+    assert abs(g - PRESETS["a"]) <= 0.01 * PRESETS["a"]
+
+
+def test_exports_to_onnx_and_matches_onnxruntime(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    m = tiny_vit(depth=3)
+    x = torch.randn(2, 3, 64, 64)
+    c = vitprune.compile(m, [ZeroTPrune(prune_blocks=[0, 1], keep=[0.75, 0.6])], example_inputs=x)
+    ep = torch.export.export(c.graph_module, (x,), strict=False)
+    path = str(tmp_path / "ztp.onnx")
+    torch.onnx.export(ep, (x,), path, dynamo=True)
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        ref = c(x)
+    assert float((torch.from_numpy(out) - ref).abs().max()) <= 1e-4
+    ops = {n.op_type for n in __import__("onnx").load(path).graph.node}
+    assert not ops & {"ScatterElements", "ScatterND", "NonZero"}, ops
+
+
+def test_tvm_imports_and_runs():
+    tvm = pytest.importorskip("tvm")
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    m = tiny_vit(depth=2, dim=24)
+    x = torch.randn(1, 3, 64, 64)
+    c = vitprune.compile(m, [ZeroTPrune(prune_blocks=[0], keep=[0.5])], example_inputs=x)
+    ep = torch.export.export(c.graph_module, (x,), strict=False)
+    ex = tvm.compile(from_exported_program(ep), target="llvm")
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x.numpy()))
+    out = out[0] if not hasattr(out, "numpy") else out
+    with torch.no_grad():
+        ref = c(x)
+    assert float((torch.from_numpy(out.numpy()) - ref).abs().max()) <= 1e-4
+
+
+def test_json_round_trip_and_spec():
+    p = ZeroTPrune(prune_blocks=[2, 5, 8], keep=[0.9, 0.8, 0.7], rs_ratio=0.3, var_norm="sum_sq_dev")
+    q = Pass.from_json(p.to_json())
+    assert q == p and isinstance(q, ZeroTPrune)
+    s = parse_pass_spec("zero-tprune:prune_blocks=2;5;8,keep=0.9;0.8;0.7,rs_ratio=0.3,var_norm=sum_sq_dev")
+    assert s == p
+    assert parse_pass_spec("zero-tprune:preset=a").preset == "a"
+    assert parse_pass_spec("zero-tprune:target_gmacs=0.96").target_gmacs == 0.96
+    assert json.loads(p.to_json())["pass"] == "zero-tprune"
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(keep=[1.2]), r"keep rate 1.2 outside \(0, 1\]"),
+    (dict(keep=[0.0]), r"keep rate 0.0 outside \(0, 1\]"),
+    (dict(counts=[-1]), r"count -1 must be an int >= 0"),
+    (dict(mode="fuse", keep=[0.5]), r"mode='fuse' is unknown; valid modes: prune, merge"),
+    (dict(preset="d"), r"preset='d' is unknown; valid presets: a, b, c"),
+    (dict(importance="grad", keep=[0.5]), r"importance='grad' is unknown"),
+    (dict(var_norm="std", keep=[0.5]), r"var_norm='std' is unknown"),
+    (dict(), r"no schedule"),
+    (dict(keep=[0.5], target_gmacs=1.0), r"exactly one schedule source"),
+    (dict(prune_blocks=[3, 1], keep=[0.5]), r"strictly increasing"),
+    (dict(prune_blocks=[1, 2], keep=[0.5, 0.5, 0.5]), r"keep has 3 entries but prune_blocks has 2"),
+    (dict(keep=[0.5], rs_ratio=1.5), r"rs_ratio=1.5 outside \[0, 1\]"),
+    (dict(keep=[0.5], vmin=0.8, vmax=0.7), r"VHF band"),
+    (dict(target_gmacs=-1.0), r"target_gmacs=-1.0 must be > 0"),
+])
+def test_bad_config_rejected_before_graph(kw, msg):
+    with pytest.raises(InvalidPassConfigError, match=msg):
+        ZeroTPrune(**kw).validate()
+
+
+def test_bad_spec_rejected_by_compile_before_capture():
+    with pytest.raises(InvalidPassConfigError, match="keep rate"):
+        vitprune.compile(object(), ["zero-tprune:keep=1.5"])         # no model needed to fail
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(prune_blocks=[3], keep=[0.5]), r"prune_blocks \[3\] outside the model: .* after block 0..2"),
+    (dict(prune_blocks=[0, 1], counts=[10, 8]), r"removes 8 tokens but has 6 non-prefix tokens; valid range 0..5"),
+    (dict(prune_blocks=[0], target_gmacs=1e-6), r"below what pruning .* can reach .*valid range"),
+    (dict(prune_blocks=[0], target_gmacs=10.0), r"above the dense model"),
+])
+def test_model_dependent_errors_leave_graph_untouched(kw, msg):
+    m = tiny_vit(depth=4)
+    x = torch.randn(2, 3, 64, 64)
+    gm = capture(m, (x,))
+    before = gm.code
+    p = ZeroTPrune(**kw)
+    p.validate()
+    ctx = PassContext(example_inputs=(x,))
+    ctx.records.append({})
+    with pytest.raises(InvalidPassConfigError, match=msg):
+        p(gm, ctx)
+    assert gm.code == before

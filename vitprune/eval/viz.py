@@ -1,0 +1,174 @@
+"""Kept-token maps: which patches each pruning / merging layer kept, drawn on the image.
+
+:func:`token_groups` runs a pruned GraphModule once (``torch.fx.Interpreter``) and reads the
+selection values that token-reduction passes tag (:mod:`vitprune.ir.tags`): kept indices for
+pruning (Zero-TPrune) and the packed matching for merging (ToMe). Composing them layer by layer
+gives, for every original token, the token that stands for it after each layer (or −1 once it is
+dropped). :func:`draw_kept_tokens` draws one panel per layer with matplotlib: dropped patches
+greyed out, patches merged into one token filled with that group's colour.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch.fx import GraphModule
+
+from ..ir.tags import token_select_outputs
+from ..ops.tome import unpack_matching
+
+
+@torch.no_grad()
+def token_groups(module, x: torch.Tensor) -> list[dict]:
+    """For each tagged token-selection layer, where every original token went.
+
+    Args:
+        module: a GraphModule after token passes, or a ``CompiledModule`` (its ``graph_module``).
+        x: ``[B, 3, H, W]`` images.
+
+    Returns:
+        per layer, in graph order: ``{"block": int, "kind": "prune"|"tome", "group": [B, N0] int64}``
+        where ``group[b, t]`` is the position, in the layer's output sequence, of the token that
+        original token ``t`` now belongs to, or −1 if it was dropped. Tokens sharing a group
+        value were merged. Empty if the graph has no tagged layer.
+    """
+    gm: GraphModule = getattr(module, "graph_module", module)
+    wanted = token_select_outputs(gm)
+    if not wanted:
+        return []
+    nodes = {n for n, _ in wanted}
+    values: dict = {}
+
+    class _Grab(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in nodes:
+                values[n] = out
+            return out
+
+    _Grab(gm).run(x)
+    n0 = wanted[0][1]["tokens_in"]
+    slot = torch.arange(n0).expand(x.shape[0], n0).clone()          # current position of each original
+    layers = []
+    for node, tag in wanted:
+        val = values[node]
+        n_in = tag["tokens_in"]
+        if tag["kind"] == "tome":
+            kept, src, dst = unpack_matching(val, n_in)
+            dest = torch.arange(n_in).expand(x.shape[0], n_in).clone()  # current token -> token it joins
+            dest.scatter_(1, src, dst)
+        else:
+            kept = val
+            dest = torch.arange(n_in).expand(x.shape[0], n_in).clone()
+        eq = dest.unsqueeze(-1) == kept.unsqueeze(1)                      # [B, n_in, K]
+        pos = torch.where(eq.any(-1), eq.to(torch.int64).argmax(-1), torch.full_like(dest, -1))
+        alive = slot >= 0
+        slot = torch.where(alive, torch.gather(pos, 1, slot.clamp_min(0)), slot)
+        layers.append({"block": tag["block"], "kind": tag["kind"], "group": slot.clone()})
+    return layers
+
+
+def patch_grid(num_tokens: int, num_prefix: int) -> int:
+    """Side of the square patch grid for ``num_tokens`` tokens of which ``num_prefix`` are prefix."""
+    side = int(round((num_tokens - num_prefix) ** 0.5))
+    if side * side != num_tokens - num_prefix:
+        raise ValueError(f"{num_tokens - num_prefix} patch tokens do not form a square grid; pass num_prefix")
+    return side
+
+
+def draw_kept_tokens(image: np.ndarray, layers: Sequence[dict], out: str, num_prefix: int = 1,
+                     sample: int = 0, title: Optional[str] = None, cols: Optional[int] = None) -> str:
+    """Draw the kept-token map of one image and save it as a PNG.
+
+    Args:
+        image: ``[H, W, 3]`` float in [0, 1] (the network's input, un-normalised).
+        layers: from :func:`token_groups`.
+        out: PNG path.
+        num_prefix: prefix tokens (CLS, dist) before the patches.
+        sample: which batch element ``layers`` describe.
+
+    Returns:
+        ``out``.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h, w = image.shape[:2]
+    panels = [("input", None)] + [(f"after block {L['block'] + 1}", L) for L in layers]
+    cols = cols or min(len(panels), 4)
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.5 * rows), squeeze=False)
+    rng = np.random.default_rng(0)
+    palette = rng.uniform(0.15, 1.0, size=(4096, 3))
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (name, L) in zip(axes.flat, panels):
+        if L is None:
+            ax.imshow(image)
+            ax.set_title(name, fontsize=11)
+            continue
+        group = L["group"][sample].numpy()
+        patches = group[num_prefix:]
+        side = int(round(len(patches) ** 0.5))
+        ph, pw = h // side, w // side
+        img = image.copy()
+        counts = np.bincount(patches[patches >= 0], minlength=1)
+        grey = np.array([0.55, 0.55, 0.55])
+        for p, g in enumerate(patches):
+            r, c = divmod(p, side)
+            sl = (slice(r * ph, (r + 1) * ph), slice(c * pw, (c + 1) * pw))
+            if g < 0:
+                img[sl] = 0.25 * img[sl] + 0.75 * grey
+            elif counts[g] > 1:
+                img[sl] = 0.45 * img[sl] + 0.55 * palette[g % len(palette)]
+        ax.imshow(img)
+        kept = int((patches >= 0).sum())
+        tokens = len(np.unique(patches[patches >= 0]))
+        label = (f"{tokens} patch tokens ({len(patches) - tokens} merged)" if L["kind"] == "tome"
+                 else f"{kept}/{len(patches)} patches kept")
+        ax.set_title(f"{name}\n{label}", fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=12)
+    fig.tight_layout(rect=(0, 0, 1, 0.97 if rows > 1 else 0.93) if title else None)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def unnormalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """``[3, H, W]`` normalised image tensor -> ``[H, W, 3]`` float array in [0, 1]."""
+    m = torch.tensor(mean).view(3, 1, 1)
+    s = torch.tensor(std).view(3, 1, 1)
+    return (x * s + m).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def kept_token_map(model, image_path: str, passes: Sequence, out: str, title: Optional[str] = None) -> dict:
+    """Compile ``model`` with ``passes``, run it on one image file and draw its kept-token map.
+
+    Returns:
+        ``{"out": PNG path, "layers": [{"block", "kind", "group": [N0] (see :func:`token_groups`),
+        "tokens": tokens left}], "gmacs": float}``.
+    """
+    from PIL import Image
+
+    from .. import compile as vp_compile
+    from ..ir.match import find_attention_sites
+    from ..models import eval_transform
+
+    transform = eval_transform(model)
+    with Image.open(image_path) as img:
+        x = transform(img.convert("RGB")).unsqueeze(0)
+    compiled = vp_compile(model, passes=list(passes), example_inputs=x, progress=False)
+    prefix = find_attention_sites(compiled.graph_module)[0].num_prefix_tokens
+    layers = token_groups(compiled, x)
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    image = unnormalise(x[0], cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225)))
+    if title is None:
+        title = f"{' '.join(str(p) for p in passes)}: {compiled.report.gmacs_after:.3f} GMACs"
+    draw_kept_tokens(image, layers, out, num_prefix=prefix, title=title)
+    return {"out": out, "gmacs": compiled.report.gmacs_after,
+            "layers": [{"block": L["block"], "kind": L["kind"], "group": L["group"][0].tolist(),
+                        "tokens": int(len(torch.unique(L["group"][0][L["group"][0] >= 0])))} for L in layers]}

@@ -1,0 +1,54 @@
+"""Node tags that survive re-export, so tools can find what a pass inserted.
+
+``torch.export`` copies ``node.meta["custom"]`` onto every ATen node it traces from a tagged
+node, across :func:`vitprune.ir.capture.recapture`. Token-reduction passes tag the node that
+computes a layer's token selection; :mod:`vitprune.eval.viz` runs the graph and reads those
+values to draw kept-token maps.
+
+Tag value (a JSON-friendly dict under ``TOKEN_SELECT``)::
+
+    {"block": i, "kind": "prune", "tokens_in": N}   # value: kept indices [B, K] (int64)
+    {"block": i, "kind": "tome",  "tokens_in": N}   # value: [B, N + r] = kept | src | dst indices
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch.fx import GraphModule, Node
+
+TOKEN_SELECT = "vitprune_token_select"
+
+
+def tag_token_select(node: Node, block: int, kind: str, tokens_in: int, **info) -> None:
+    """Mark ``node`` as the token selection of pruning/merging layer ``block``.
+
+    ``kind`` is ``"prune"`` (value: kept indices ``[B, K]``, ascending) or ``"tome"`` (value: the
+    packed matching of :func:`vitprune.ops.tome.bipartite_soft_matching`).
+    """
+    custom = dict(node.meta.get("custom") or {})
+    custom[TOKEN_SELECT] = {"block": int(block), "kind": kind, "tokens_in": int(tokens_in), **info}
+    node.meta["custom"] = custom
+
+
+def token_select_tag(node: Node) -> Optional[dict]:
+    """The tag dict of ``node``, or None."""
+    return (node.meta.get("custom") or {}).get(TOKEN_SELECT)
+
+
+def token_select_outputs(gm: GraphModule) -> list[tuple[Node, dict]]:
+    """The tagged selection values of ``gm``: per tag, the node whose users lie outside the tagged
+    group (the group's output), in graph order."""
+    out = []
+    for node in gm.graph.nodes:
+        tag = token_select_tag(node)
+        if tag is None or node.op != "call_function":
+            continue
+        if any(token_select_tag(u) != tag for u in node.users) and not _is_multi_output(node):
+            out.append((node, tag))
+    return out
+
+
+def _is_multi_output(node: Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, (tuple, list))

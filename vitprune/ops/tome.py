@@ -1,0 +1,136 @@
+"""ToMe token merging as plain, export-clean tensor functions (ALGORITHMS.md §3).
+
+Bipartite soft matching (Bolya et al., "Token Merging: Your ViT but Faster", ICLR 2023, §3;
+reference code ``facebookresearch/ToMe``, ``tome/merge.py``), rewritten so that every op lowers
+through torch.export, ONNX (dynamo exporter) and TVM's Relax importer:
+
+* no ``scatter_reduce`` / ``index_add`` (the reference merge uses ``scatter_reduce``): merged tokens
+  are summed into their destinations with a one-hot assignment matrix ``[B, N-r, r]`` built by
+  comparing indices, followed by a batched matmul;
+* every shape is static (``r`` is a Python int per layer), no boolean-mask reshapes;
+* kept tokens stay in their original order (ascending index), so prefix tokens (CLS, dist)
+  remain at positions ``0 .. num_prefix-1``.
+
+Shapes: B batch, N tokens entering the merge (prefix included), C channels, r merged tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["bipartite_soft_matching", "merge_tokens", "tome_merge", "proportional_attention_bias",
+           "max_merge", "unpack_matching"]
+
+
+def max_merge(num_tokens: int, num_prefix: int) -> int:
+    """The largest ``r`` ToMe allows at a layer with ``num_tokens`` tokens: half of the
+    non-prefix tokens (``(N - p) // 2``, ToMe ``tome/merge.py``), which is also the number of
+    non-prefix tokens of set A (even positions) when prefix tokens sit at the front."""
+    n_a = (num_tokens + 1) // 2
+    a_prefix = (num_prefix + 1) // 2
+    return max(0, min((num_tokens - num_prefix) // 2, n_a - a_prefix))
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int = 1) -> torch.Tensor:
+    """Choose which tokens to merge (ToMe bipartite soft matching, ALGORITHMS.md §3).
+
+    Tokens are split by position into set A (even indices) and set B (odd indices). Each A token
+    finds its most similar B token by cosine similarity of ``metric``; the ``r`` A tokens with the
+    highest best-match similarity are merged into their partners. Prefix tokens are protected
+    with −∞ similarity: an A-side prefix token is never a source, a B-side one (the DeiT dist
+    token at index 1) never a destination.
+
+    Args:
+        metric: ``[B, N, d]`` matching feature (ToMe: the block's keys averaged over heads).
+        r: number of tokens to merge, ``0 <= r <= max_merge(N, num_prefix)``.
+        num_prefix: protected leading tokens (1 for CLS, 2 for CLS + distillation token).
+
+    Returns:
+        ``[B, N + r]`` int64, the concatenation of ``kept [B, N-r]`` (original indices of the
+        surviving tokens, ascending), ``src [B, r]`` (original indices of the merged A tokens) and
+        ``dst [B, r]`` (original index of the B token each source merges into). One packed tensor,
+        so that a graph has a single node to read for kept-token maps; split it with
+        :func:`unpack_matching`.
+
+    Raises:
+        ValueError: ``r`` outside ``[0, max_merge(N, num_prefix)]``.
+    """
+    bsz, n, _ = metric.shape
+    r_max = max_merge(n, num_prefix)
+    if not 0 <= r <= r_max:
+        raise ValueError(f"ToMe: r={r} merges at a layer with {n} tokens ({num_prefix} prefix); valid range 0..{r_max}")
+    dev = metric.device
+    m = metric.float()
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)                    # L2-normalised
+    a, b = m[:, 0::2], m[:, 1::2]                                              # [B,Na,d], [B,Nb,d]
+    n_a, n_b = a.shape[1], b.shape[1]
+    scores = a @ b.transpose(-1, -2)                                           # [B,Na,Nb] cosine
+    # protect prefix tokens: even prefix positions are A rows, odd ones B columns
+    rows = torch.arange(n_a, device=dev) < (num_prefix + 1) // 2                # [Na] bool
+    cols = torch.arange(n_b, device=dev) < num_prefix // 2                      # [Nb] bool
+    scores = scores.masked_fill(rows[:, None] | cols[None, :], float("-inf"))
+    node_max, node_idx = scores.max(dim=-1)                                    # [B,Na] best B match
+    order = node_max.argsort(dim=-1, descending=True)                          # [B,Na]
+    src_a = order[:, :r]                                                       # [B,r] A positions
+    dst_b = torch.gather(node_idx, 1, src_a)                                   # [B,r] B positions
+    src = src_a * 2                                                            # original indices
+    dst = dst_b * 2 + 1
+    # kept = all tokens except the sources, ascending: sort the key (merged * N + index)
+    ar = torch.arange(n, device=dev)
+    merged = (src.unsqueeze(-1) == ar).any(dim=1)                              # [B,N] bool
+    key = merged.to(torch.int64) * n + ar                                      # distinct keys
+    kept = torch.topk(-key, n - r, dim=1, largest=True, sorted=True).indices   # [B,N-r] ascending
+    return torch.cat([kept, src, dst], dim=1)
+
+
+def unpack_matching(packed: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split the output of :func:`bipartite_soft_matching` into ``kept [B,N-r]``, ``src [B,r]``,
+    ``dst [B,r]`` (``num_tokens`` = N before merging)."""
+    r = packed.shape[1] - num_tokens
+    n_keep = num_tokens - r
+    return packed[:, :n_keep], packed[:, n_keep:n_keep + r], packed[:, n_keep + r:]
+
+
+def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    # x [B,N,C], idx [B,K] -> [B,K,C] (gather along tokens; lowers to GatherElements / TVM gather)
+    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def merge_tokens(x: torch.Tensor, size: torch.Tensor, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted average merge (ToMe ``merge_wavg``) without scatter ops.
+
+    Each surviving token becomes ``(Σ s_i x_i) / (Σ s_i)`` over itself and the sources merged into
+    it; its size becomes ``Σ s_i``. Sources are added to destinations through a one-hot
+    assignment ``[B, N-r, r]`` (``kept[k] == dst[j]``) and a batched matmul.
+
+    Args:
+        x: ``[B, N, C]`` tokens.
+        size: ``[B, N, 1]`` token sizes (number of original patches each token stands for).
+        packed: ``[B, N + r]`` from :func:`bipartite_soft_matching`.
+
+    Returns:
+        ``x' [B, N-r, C]`` and ``size' [B, N-r, 1]`` (sizes still sum to the same total).
+    """
+    kept, src, dst = unpack_matching(packed, x.shape[1])
+    size = size.to(x.dtype)
+    xs = x * size
+    assign = (kept.unsqueeze(-1) == dst.unsqueeze(1)).to(x.dtype)              # [B,N-r,r] one-hot
+    num = _take(xs, kept) + assign @ _take(xs, src)                            # [B,N-r,C]
+    new_size = _take(size, kept) + assign @ _take(size, src)                   # [B,N-r,1]
+    return num / new_size, new_size
+
+
+def tome_merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int, num_prefix: int = 1):
+    """Match (:func:`bipartite_soft_matching`) and merge (:func:`merge_tokens`) in one call.
+
+    Returns:
+        ``(x' [B,N-r,C], size' [B,N-r,1])``.
+    """
+    packed = bipartite_soft_matching(metric, r, num_prefix)
+    return merge_tokens(x, size, packed)
+
+
+def proportional_attention_bias(size: torch.Tensor) -> torch.Tensor:
+    """``log(size)`` laid out as an additive attention-logit bias ``[B, 1, 1, N]`` (ToMe §3,
+    proportional attention: a key standing for ``s`` patches counts ``s`` times in the softmax)."""
+    return torch.log(size[..., 0]).unsqueeze(1).unsqueeze(1)

@@ -1,0 +1,91 @@
+"""One Zero-TPrune pruning layer as a single tensor function: I′ -> S -> I stages.
+
+Source: ALGORITHMS.md §1b Step 5 (our rendering of the paper's algorithm). The pass
+(:mod:`vitprune.passes.zero_tprune`) inserts a call to :func:`select_tokens` after a block's
+output and gathers the kept tokens with :func:`vitprune.ops.token_select.gather_tokens`; the
+graph is then re-exported, which unrolls everything below into standard ATen ops.
+
+Importance variants sharing the plumbing (baselines asked for by the issue):
+
+* ``"wpr"``: Zero-TPrune (I′ -> S -> I with WPR + EIR/VHF).
+* ``"cls"``: CLS-attention top-k (EViT/ATS signal): mean over heads of the attention the
+  prefix tokens pay to each token; no S-stage (``r_S`` is added to ``r_I``).
+* ``"random"``: random dropping. The scores are a fixed pseudo-random permutation of token
+  positions drawn from ``seed`` at trace time (a graph constant), so the kept positions are
+  random but the same for every image; no S-stage.
+"""
+
+from __future__ import annotations
+
+import random as _random
+
+import torch
+
+from .head_filter import eir_vhf
+from .similarity import key_features, s_stage
+from .token_select import gather_attention, gather_tokens, topk_keep
+from .wpr import wpr
+
+__all__ = ["select_tokens", "random_keep", "IMPORTANCES"]
+
+IMPORTANCES = ("wpr", "cls", "random")
+
+
+def _random_scores(b: int, n: int, seed: int, device) -> torch.Tensor:
+    rng = _random.Random(seed)
+    vals = [rng.random() for _ in range(n)]
+    return torch.tensor(vals, dtype=torch.float32, device=device).unsqueeze(0).expand(b, n)
+
+
+def random_keep(x: torch.Tensor, n_keep: int, num_prefix: int, seed: int = 0) -> torch.Tensor:
+    """Random dropping: ``[B, n_keep]`` kept indices of tokens ``x [B, N, C]`` by a fixed
+    pseudo-random score per position (same positions for every image), prefix first."""
+    return topk_keep(_random_scores(x.shape[0], x.shape[1], seed, x.device), n_keep, num_prefix)
+
+
+def select_tokens(attn: torch.Tensor, keys: torch.Tensor, n_after_s: int, n_keep: int, num_prefix: int,
+                  iters: int = 5, cls_init: bool = True, vmin: float = 0.01, vmax: float = 0.7,
+                  var_norm: str = "mean1", use_vhf: bool = True, importance: str = "wpr",
+                  feature: str = "concat", seed: int = 0, pre_iters: int = 1) -> torch.Tensor:
+    """Indices of the tokens a pruning layer keeps.
+
+    Args:
+        attn: ``[B, H, N, N]`` attention probabilities of the block before the layer.
+        keys: ``[B, H, N, d]`` keys of that block (S-stage features).
+        n_after_s: tokens left after the S-stage, ``N - r_S`` (prefix included).
+        n_keep: tokens kept in the end, ``N - r_S - r_I`` (prefix included).
+        num_prefix: protected leading tokens (CLS, distillation); always kept.
+        iters: WPR iterations of the final I-stage.
+        cls_init: CLS starts ``sqrt(N)`` times larger in WPR.
+        vmin, vmax, var_norm, use_vhf: VHF band and variance scale (:mod:`.head_filter`).
+        importance: ``"wpr"``, ``"cls"`` or ``"random"`` (module docstring).
+        feature: S-stage key feature, ``"concat"`` or ``"mean"``.
+        seed: seed of the ``"random"`` variant.
+        pre_iters: WPR iterations of the I′ pre-ranking (1 in the paper).
+
+    Returns:
+        ``[B, n_keep]`` int64 indices into ``N``, ascending, prefix first.
+    """
+    b, h, n, _ = attn.shape
+    if n_keep == n:                                                    # keeps everything: identity
+        return torch.arange(n, device=attn.device).unsqueeze(0).expand(b, n)
+    if importance == "random":
+        return topk_keep(_random_scores(b, n, seed, attn.device), n_keep, num_prefix)
+    if importance == "cls":
+        imp = attn[:, :, :max(num_prefix, 1), :].float().mean(dim=(1, 2))          # [B, N]
+        return topk_keep(imp, n_keep, num_prefix)
+    if importance != "wpr":
+        raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
+    kw = dict(vmin=vmin, vmax=vmax, var_norm=var_norm, use_vhf=use_vhf)
+    ninit = max(num_prefix, 1) if cls_init else 0
+    kept = None
+    sub = attn
+    if n_after_s < n:                                                  # I' -> S
+        imp_pre = eir_vhf(wpr(attn, pre_iters, cls_init, ninit), **kw)
+        kept = s_stage(key_features(keys, feature), imp_pre, n - n_after_s, num_prefix)
+        if n_keep == n_after_s:
+            return kept
+        sub = gather_attention(attn.float(), kept)                     # attention among survivors
+    imp = eir_vhf(wpr(sub, iters, cls_init, ninit), **kw)              # I-stage
+    pos = topk_keep(imp, n_keep, num_prefix)
+    return pos if kept is None else gather_tokens(kept, pos)

@@ -1,0 +1,476 @@
+"""Zero-TPrune: fine-tuning-free token pruning as a graph pass (ALGORITHMS.md §1).
+
+A *pruning layer* sits after the output (MLP residual add) of a chosen block. It scores the
+block's tokens with Weighted PageRank over that block's attention probabilities (I-stage),
+removes near-duplicates among the less important half with key cosine similarity
+(S-stage, fed by a one-iteration I′ pre-ranking) and keeps the rest by importance. Prefix
+tokens (CLS, distillation token) are always kept. Token counts are static per layer, so the
+rewritten graph has one shape per layer at any batch size and exports to torch.export,
+ONNX and TVM.
+
+Schedule
+    ``prune_blocks`` (0-based block indices; the layer sits after that block's output) with
+    ``keep`` (keep rate per pruning layer, relative to the current *non-prefix* tokens:
+    ``M' = round(keep · M)``) or ``counts`` (tokens removed per layer); or ``target_gmacs``
+    (a uniform keep rate over ``prune_blocks`` solved for the budget, ±1 %); or ``preset``
+    ``"a" | "b" | "c"`` (the paper's DeiT-S budgets 2.97 / 2.50 / 3.97 GMACs, applied to any
+    model as the same fraction of its dense GMACs). Within a layer the removed tokens split
+    into ``r_S = round(rs_ratio · r)`` (S-stage, clamped to the less important half) and
+    ``r_I = r - r_S``.
+
+Counting
+    GMACs include the pruning layers' own work: the explicit attention (same MACs as the
+    fused kernel it replaces), every WPR iteration (``T·H·N²``) and the S-stage cosine matmul
+    (``|A|·|B|·C``) are matmuls that ``FlopCounterMode`` counts; :meth:`ZeroTPrune.plan`
+    gives the same number analytically. Ranks, top-k, sorts and gathers are not MACs.
+
+Kept indices (for kept-token maps)
+    Each pruning layer's selection subgraph is tagged with
+    :func:`vitprune.ir.tags.tag_token_select` (``kind="prune"``; export copies ``custom``
+    metadata to every ATen node it traces from the tagged node). :func:`kept_token_indices` runs a pruned GraphModule (or
+    a ``CompiledModule``) on images and returns, per pruning layer, the kept token indices in
+    the *original* token sequence (``[B, K_l]``, prefix tokens first, ascending). With
+    ``record_indices=True`` the pass also records the kept indices of the example inputs in
+    the report. (Agreed interface for ``vitprune viz``.)
+
+Config knobs beyond the schedule: ``iters`` (WPR iterations for pruning layers after the
+first three blocks / the middle / the last three blocks, default 30/5/1; ``layer_iters``
+overrides per layer), VHF band ``vmin``/``vmax`` with ``var_norm`` and ``vhf`` on/off,
+``cls_init``, ``importance`` (``"wpr"`` = Zero-TPrune, ``"cls"`` = CLS-attention top-k,
+``"random"`` = fixed-seed random dropping), ``feature`` (S-stage keys ``"concat"``/``"mean"``),
+``mode`` (``"prune"``; ``"merge"`` is reserved for the size-weighted merge variant).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+from ..errors import InvalidPassConfigError
+from ..eval.flops import gmacs as measure_gmacs
+from ..ir.capture import recapture
+from ..ir.match import find_attention_sites
+from ..ir.rewrite import relax_token_dim
+from ..ir.sites import AttentionSite
+from ..ir.tags import tag_token_select, token_select_outputs
+from ..ops.head_filter import VAR_NORMS
+from ..ops.similarity import partition_sizes, s_stage_macs
+from ..ops.token_select import gather_tokens
+from ..ops.wpr import wpr_macs
+from ..ops.zero_tprune_layer import IMPORTANCES, random_keep, select_tokens
+from .base import Pass, PassContext, register_pass
+from .explicit_attention import explicit_attention_nodes
+
+MODES = ("prune", "merge")
+FEATURES = ("concat", "mean")
+
+#: the paper's DeiT-S budgets (Zero-TP-a/b/c, GMACs) over our dense DeiT-S count (4.5989 GMACs);
+#: a preset applies the same fraction of the dense GMACs to any model.
+DEIT_S_DENSE_GMACS = 4.598882304
+PRESETS = {"a": 2.97, "b": 2.50, "c": 3.97}
+#: default pruning layers (0-based blocks after which tokens are pruned), as fractions of depth
+DEFAULT_PRUNE_BLOCKS_12 = [2, 5, 8]
+
+
+@dataclass
+class LayerPlan:
+    """What one pruning layer does: tokens in, after the S-stage, out (prefix included)."""
+
+    block: int
+    n_in: int
+    n_after_s: int
+    n_out: int
+    iters: int
+
+    @property
+    def r_s(self) -> int:
+        return self.n_in - self.n_after_s
+
+    @property
+    def r_i(self) -> int:
+        return self.n_after_s - self.n_out
+
+
+@dataclass
+class ModelInfo:
+    """Dimensions of a captured ViT needed to plan a schedule and count its GMACs."""
+
+    depth: int
+    tokens: int
+    prefix: int
+    embed_dim: int
+    heads: int
+    head_dim: int
+    mlp_hidden: int
+    dense_gmacs: float
+
+    @classmethod
+    def from_graph(cls, gm: GraphModule, sites: Optional[list[AttentionSite]] = None,
+                   image_shape=(3, 224, 224)) -> "ModelInfo":
+        sites = sites if sites is not None else find_attention_sites(gm)
+        s0 = sites[0]
+        hidden = s0.fc1.out_features if s0.fc1 is not None else 4 * s0.embed_dim
+        return cls(depth=len(sites), tokens=s0.num_tokens, prefix=s0.num_prefix_tokens, embed_dim=s0.embed_dim,
+                   heads=s0.num_heads, head_dim=s0.head_dim, mlp_hidden=hidden,
+                   dense_gmacs=measure_gmacs(gm, image_shape))
+
+    def block_macs(self, n: int) -> int:
+        """MACs of one block on ``n`` tokens: qkv, attention (q@k^T, p@v), proj, MLP."""
+        hd = self.heads * self.head_dim
+        return n * self.embed_dim * 3 * hd + 2 * n * n * hd + n * hd * self.embed_dim + 2 * n * self.embed_dim * self.mlp_hidden
+
+
+@register_pass("zero-tprune")
+@dataclass
+class ZeroTPrune(Pass):
+    """Zero-TPrune token pruning (see the module docstring for every option).
+
+    Raises (before any graph is touched):
+        InvalidPassConfigError: keep rate outside (0, 1], negative counts, no or several
+            schedule sources, unknown mode / preset / importance / var_norm / feature, bad
+            VHF band or rs_ratio; once the model is known (still before editing): a block
+            index outside ``0..depth-2``, more tokens removed than a layer has, or a
+            budget outside what the schedule can reach.
+    """
+
+    prune_blocks: Optional[list[int]] = None
+    keep: Optional[list[float]] = None
+    counts: Optional[list[int]] = None
+    target_gmacs: Optional[float] = None
+    preset: Optional[str] = None
+    rs_ratio: float = 0.5
+    iters: list[int] = field(default_factory=lambda: [30, 5, 1])
+    layer_iters: Optional[list[int]] = None
+    vhf: bool = True
+    vmin: float = 0.01
+    vmax: float = 0.7
+    var_norm: str = "mean1"
+    cls_init: bool = True
+    importance: str = "wpr"
+    mode: str = "prune"
+    feature: str = "concat"
+    seed: int = 0
+    record_indices: bool = False
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        def bad(msg):
+            raise InvalidPassConfigError(f"zero-tprune: {msg}")
+
+        if self.mode not in MODES:
+            bad(f"mode={self.mode!r} is unknown; valid modes: {', '.join(MODES)}")
+        if self.mode == "merge":
+            bad("mode='merge' (size-weighted merge variant) is not implemented yet; use mode='prune'")
+        if self.importance not in IMPORTANCES:
+            bad(f"importance={self.importance!r} is unknown; valid: {', '.join(IMPORTANCES)}")
+        if self.preset is not None and self.preset not in PRESETS:
+            bad(f"preset={self.preset!r} is unknown; valid presets: {', '.join(PRESETS)} "
+                f"(DeiT-S budgets {', '.join(f'{k}={v}' for k, v in PRESETS.items())} GMACs)")
+        if self.var_norm not in VAR_NORMS:
+            bad(f"var_norm={self.var_norm!r} is unknown; valid: {', '.join(VAR_NORMS)}")
+        if self.feature not in FEATURES:
+            bad(f"feature={self.feature!r} is unknown; valid: {', '.join(FEATURES)}")
+        sources = [n for n, v in (("keep", self.keep), ("counts", self.counts), ("target_gmacs", self.target_gmacs),
+                                  ("preset", self.preset)) if v is not None]
+        if not sources:
+            bad("no schedule: give keep=[...] or counts=[...] (with prune_blocks), target_gmacs=..., or preset=a|b|c")
+        if len(sources) > 1:
+            bad(f"give exactly one schedule source, got {', '.join(sources)}")
+        if self.prune_blocks is not None:
+            pb = self.prune_blocks
+            if not pb or any(not isinstance(b, int) or isinstance(b, bool) or b < 0 for b in pb):
+                bad(f"prune_blocks={pb} must be a non-empty list of block indices >= 0")
+            if list(pb) != sorted(set(pb)):
+                bad(f"prune_blocks={pb} must be strictly increasing")
+        n_layers = len(self.prune_blocks) if self.prune_blocks is not None else None
+        if self.keep is not None:
+            for k in self.keep:
+                if isinstance(k, bool) or not isinstance(k, (int, float)) or not (0.0 < float(k) <= 1.0):
+                    bad(f"keep rate {k!r} outside (0, 1]")
+            self._check_len("keep", self.keep, n_layers, bad)
+        if self.counts is not None:
+            for c in self.counts:
+                if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+                    bad(f"token count {c!r} must be an int >= 0")
+            self._check_len("counts", self.counts, n_layers, bad)
+        if self.target_gmacs is not None and not (isinstance(self.target_gmacs, (int, float)) and self.target_gmacs > 0):
+            bad(f"target_gmacs={self.target_gmacs!r} must be > 0")
+        if not (0.0 <= float(self.rs_ratio) <= 1.0):
+            bad(f"rs_ratio={self.rs_ratio} outside [0, 1]")
+        if not (0.0 <= self.vmin <= self.vmax):
+            bad(f"VHF band [vmin={self.vmin}, vmax={self.vmax}] must satisfy 0 <= vmin <= vmax")
+        if len(self.iters) != 3 or any(not isinstance(t, int) or t < 1 for t in self.iters):
+            bad(f"iters={self.iters} must be 3 ints >= 1 (first three blocks / middle / last three blocks)")
+        if self.layer_iters is not None:
+            if any(not isinstance(t, int) or t < 1 for t in self.layer_iters):
+                bad(f"layer_iters={self.layer_iters} must be ints >= 1")
+            self._check_len("layer_iters", self.layer_iters, n_layers, bad, allow_one=False)
+
+    @staticmethod
+    def _check_len(name, values, n_layers, bad, allow_one=True):
+        if not values:
+            bad(f"{name} must not be empty")
+        if n_layers is not None and len(values) != n_layers and not (allow_one and len(values) == 1):
+            bad(f"{name} has {len(values)} entries but prune_blocks has {n_layers}")
+
+    # ------------------------------------------------------------------ planning
+    def _blocks(self, info: ModelInfo) -> list[int]:
+        if self.prune_blocks is not None:
+            blocks = list(self.prune_blocks)
+        elif self.keep is not None or self.counts is not None:
+            vals = self.keep if self.keep is not None else self.counts
+            blocks = default_prune_blocks(info.depth, len(vals) if len(vals) > 1 else None)
+        else:
+            blocks = default_prune_blocks(info.depth)
+        bad = [b for b in blocks if b > info.depth - 2]
+        if bad:
+            raise InvalidPassConfigError(
+                f"zero-tprune: prune_blocks {bad} outside the model: a pruning layer sits after block 0.."
+                f"{info.depth - 2} of this {info.depth}-block model (after the last block it would remove nothing)"
+            )
+        return blocks
+
+    def _iters_for(self, block: int, i: int, depth: int) -> int:
+        if self.layer_iters is not None:
+            return self.layer_iters[i]
+        if block < 3:
+            return self.iters[0]
+        if block >= depth - 3:
+            return self.iters[2]
+        return self.iters[1]
+
+    def _layers(self, info: ModelInfo, blocks: list[int], removed: list[int]) -> list[LayerPlan]:
+        n, p = info.tokens, info.prefix
+        plans = []
+        for i, (b, r) in enumerate(zip(blocks, removed)):
+            m = n - p
+            if r > m - 1:
+                raise InvalidPassConfigError(
+                    f"zero-tprune: layer after block {b} removes {r} tokens but has {m} non-prefix tokens; "
+                    f"valid range 0..{m - 1} (at least one patch token must stay)"
+                )
+            r_s = 0
+            if self.importance == "wpr" and r > 0:
+                r_s = min(int(round(self.rs_ratio * r)), partition_sizes(n, p)[1])
+            plans.append(LayerPlan(block=b, n_in=n, n_after_s=n - r_s, n_out=n - r, iters=self._iters_for(b, i, info.depth)))
+            n -= r
+        return plans
+
+    def _layers_from_keep(self, info: ModelInfo, blocks: list[int], keep: list[float],
+                          clamp: bool = False) -> list[LayerPlan]:
+        keep = keep * len(blocks) if len(keep) == 1 else keep
+        m, removed = info.tokens - info.prefix, []
+        for k in keep:
+            m_new = int(round(float(k) * m))
+            if clamp:
+                m_new = max(1, m_new)
+            if m_new < 1:
+                raise InvalidPassConfigError(
+                    f"zero-tprune: keep rate {k} leaves no patch token of {m} at block {blocks[len(removed)]}; "
+                    f"use a rate >= {0.5 / m:.4f}"
+                )
+            removed.append(m - m_new)
+            m = m_new
+        return self._layers(info, blocks, removed)
+
+    def analytic_gmacs(self, info: ModelInfo, plans: list[LayerPlan]) -> float:
+        """GMACs per image of the pruned model, pruning-layer work included."""
+        extra = 0
+        total = info.dense_gmacs * 1e9
+        delta = sum(info.block_macs(info.tokens) - info.block_macs(n) for n in tokens_per_block(info, plans))
+        for lp in plans:
+            if lp.n_out == lp.n_in or self.importance != "wpr":
+                continue
+            if lp.r_s > 0:
+                extra += wpr_macs(info.heads, lp.n_in, 1)
+                fdim = info.heads * info.head_dim if self.feature == "concat" else info.head_dim
+                extra += s_stage_macs(lp.n_in, info.prefix, fdim)
+            if lp.r_i > 0:
+                extra += wpr_macs(info.heads, lp.n_after_s, lp.iters)
+        return (total - delta + extra) / 1e9
+
+    def _target(self, info: ModelInfo) -> float:
+        if self.preset is not None:
+            return PRESETS[self.preset] / DEIT_S_DENSE_GMACS * info.dense_gmacs
+        return float(self.target_gmacs)
+
+    def plan(self, gm: GraphModule, sites: Optional[list[AttentionSite]] = None,
+             info: Optional[ModelInfo] = None) -> tuple[list[LayerPlan], float]:
+        """The per-layer token counts this config gives on ``gm`` and their analytic GMACs.
+
+        Raises:
+            InvalidPassConfigError: the schedule does not fit the model (see the class doc).
+        """
+        info = info or ModelInfo.from_graph(gm, sites)
+        blocks = self._blocks(info)
+        if self.keep is not None:
+            plans = self._layers_from_keep(info, blocks, list(self.keep))
+        elif self.counts is not None:
+            counts = list(self.counts) * len(blocks) if len(self.counts) == 1 else list(self.counts)
+            plans = self._layers(info, blocks, counts)
+        else:
+            plans = self._solve(info, blocks, self._target(info))
+        return plans, self.analytic_gmacs(info, plans)
+
+    def _solve(self, info: ModelInfo, blocks: list[int], target: float) -> list[LayerPlan]:
+        """Uniform keep rate over ``blocks`` whose analytic GMACs hit ``target`` within 1 %."""
+        m0 = info.tokens - info.prefix
+
+        def g(k):
+            return self.analytic_gmacs(info, self._layers_from_keep(info, blocks, [k], clamp=True))
+
+        k_min = 0.5 / m0 + 1e-9
+        lo_g, hi_g = g(k_min), g(1.0)
+        if target < lo_g * 0.99:
+            raise InvalidPassConfigError(
+                f"zero-tprune: budget {target:.4f} GMACs is below what pruning after blocks {blocks} can reach "
+                f"(minimum {lo_g:.4f} GMACs; dense {info.dense_gmacs:.4f}); valid range [{lo_g:.4f}, {info.dense_gmacs:.4f}]"
+            )
+        if target > info.dense_gmacs * 1.01:
+            raise InvalidPassConfigError(
+                f"zero-tprune: budget {target:.4f} GMACs is above the dense model's {info.dense_gmacs:.4f}; "
+                f"valid range [{lo_g:.4f}, {info.dense_gmacs:.4f}]"
+            )
+        if target >= hi_g:
+            return self._layers_from_keep(info, blocks, [1.0])
+        lo, hi = k_min, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            if g(mid) > target:
+                hi = mid
+            else:
+                lo = mid
+        best = min((lo, hi), key=lambda k: abs(g(k) - target))
+        if abs(g(best) - target) > 0.01 * target:
+            raise InvalidPassConfigError(
+                f"zero-tprune: cannot hit {target:.4f} GMACs within 1 % with a uniform keep rate over blocks "
+                f"{blocks} (nearest {g(best):.4f}); give more prune_blocks"
+            )
+        return self._layers_from_keep(info, blocks, [best], clamp=True)
+
+    # ------------------------------------------------------------------ rewrite
+    def __call__(self, gm: GraphModule, ctx: PassContext) -> GraphModule:
+        sites = find_attention_sites(gm)
+        image_shape = tuple(ctx.example_inputs[0].shape[1:])
+        info = ModelInfo.from_graph(gm, sites, image_shape)
+        plans, analytic = self.plan(gm, sites, info)           # all checks happen here, before editing
+        by_block = {s.block_index: s for s in sites}
+        first_gather: Optional[Node] = None
+        for lp in plans:
+            site = by_block[lp.block]
+            out = site.block_output
+            g = gm.graph
+            if lp.n_out == lp.n_in:                              # removes nothing: identity gather only
+                with g.inserting_after(out):
+                    idx = g.call_function(all_indices, (out,))
+            elif self.importance == "random":                   # needs no attention probabilities
+                with g.inserting_after(out):
+                    idx = g.call_function(random_keep, (out,), dict(n_keep=lp.n_out, num_prefix=info.prefix,
+                                                                    seed=self.seed + lp.block))
+            else:
+                probs = site.attn_probs if site.kind == "explicit" else explicit_attention_nodes(gm, site)
+                with g.inserting_after(out):
+                    idx = g.call_function(select_tokens, (probs, site.k), dict(
+                        n_after_s=lp.n_after_s, n_keep=lp.n_out, num_prefix=info.prefix, iters=lp.iters,
+                        cls_init=self.cls_init, vmin=float(self.vmin), vmax=float(self.vmax), var_norm=self.var_norm,
+                        use_vhf=self.vhf, importance=self.importance, feature=self.feature, seed=self.seed + lp.block))
+            with g.inserting_after(idx):
+                new_x = g.call_function(gather_tokens, (out, idx))
+            tag_token_select(idx, block=lp.block, kind="prune", tokens_in=lp.n_in)
+            meta = {"nn_module_stack": out.meta.get("nn_module_stack", {}), "stack_trace": out.meta.get("stack_trace")}
+            idx.meta.update(meta)
+            new_x.meta.update(meta)
+            out.replace_all_uses_with(new_x, delete_user_cb=lambda u, _n=(new_x, idx): u not in _n)
+            first_gather = first_gather or new_x
+        if first_gather is not None:
+            relax_token_dim(gm, first_gather, info.tokens)
+            gm = recapture(gm, ctx.example_inputs)
+        rec = dict(
+            prune_blocks=[lp.block for lp in plans],
+            tokens_per_layer=[lp.n_out for lp in plans],
+            tokens_per_block=tokens_per_block(info, plans),
+            r_s=[lp.r_s for lp in plans], r_i=[lp.r_i for lp in plans], iters=[lp.iters for lp in plans],
+            gmacs_dense=round(info.dense_gmacs, 6), gmacs_analytic=round(analytic, 6),
+            gmacs_includes="explicit attention, WPR iterations and S-stage similarity of the pruning layers",
+        )
+        if self.target_gmacs is not None or self.preset is not None:
+            rec["gmacs_target"] = round(self._target(info), 6)
+        if self.record_indices:
+            rec["kept_indices"] = [t.tolist() for t in kept_token_indices(gm, ctx.example_inputs[0])]
+        ctx.record(**rec)
+        return gm
+
+
+def all_indices(x: torch.Tensor) -> torch.Tensor:
+    """``[B, N]`` indices ``0..N-1`` of tokens ``x [B, N, C]`` (a layer that keeps every token)."""
+    return torch.arange(x.shape[1], device=x.device).unsqueeze(0).expand(x.shape[0], x.shape[1])
+
+
+def default_prune_blocks(depth: int, n_layers: Optional[int] = None) -> list[int]:
+    """Default pruning layers: after blocks 3/6/9 (1-based) of a 12-block model, i.e. 0-based
+    ``[2, 5, 8]``, scaled to other depths; ``n_layers`` spreads that many layers evenly."""
+    n_layers = n_layers or 3
+    if depth == 12 and n_layers == 3:
+        return list(DEFAULT_PRUNE_BLOCKS_12)
+    step = (depth - 1) / (n_layers + 1)
+    blocks = sorted({max(0, min(depth - 2, int(round(step * (i + 1))) - 1)) for i in range(n_layers)})
+    return blocks
+
+
+def tokens_per_block(info: ModelInfo, plans: list[LayerPlan]) -> list[int]:
+    """Tokens (prefix included) entering each block."""
+    n_at = [info.tokens] * info.depth
+    for lp in plans:
+        for blk in range(lp.block + 1, info.depth):
+            n_at[blk] = lp.n_out
+    return n_at
+
+
+def _index_nodes(gm: GraphModule) -> list[tuple[int, Node]]:
+    """For each tagged pruning layer (kind ``"prune"``), the node holding its kept indices ``[B, K]``."""
+    return [(tag["block"], node) for node, tag in token_select_outputs(gm) if tag.get("kind") == "prune"]
+
+
+@torch.no_grad()
+def kept_token_indices(module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Kept token indices of every Zero-TPrune pruning layer, for images ``x``.
+
+    Args:
+        module: a GraphModule produced by :class:`ZeroTPrune` (or a ``CompiledModule``, whose
+            ``graph_module`` is used).
+        x: ``[B, 3, H, W]`` images.
+
+    Returns:
+        one ``[B, K_l]`` int64 tensor per pruning layer, in layer order: indices into the
+        *original* token sequence (0 = CLS; patch ``p`` is token ``p + num_prefix``),
+        ascending. Empty when the graph has no Zero-TPrune layer.
+    """
+    gm = getattr(module, "graph_module", module)
+    wanted = _index_nodes(gm)
+    if not wanted:
+        return []
+    want = {n: b for b, n in wanted}
+    values: dict = {}
+
+    class _Grab(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in want:
+                values[n] = out
+            return out
+
+    _Grab(gm).run(x)
+    result, prev = [], None
+    for _, node in wanted:
+        idx = values[node]
+        orig = idx if prev is None else gather_tokens(prev, idx)
+        result.append(orig)
+        prev = orig
+    return result
+
+
+__all__ = ["ZeroTPrune", "LayerPlan", "ModelInfo", "kept_token_indices", "default_prune_blocks", "PRESETS"]
