@@ -4,3 +4,4 @@ from .base import PASS_REGISTRY, Pass, PassContext, parse_pass_spec, register_pa
 from .explicit_attention import ExplicitAttention
 
 __all__ = ["PASS_REGISTRY", "Pass", "PassContext", "parse_pass_spec", "register_pass", "ExplicitAttention"]
+from .snp import SNP  # noqa: E402
