@@ -5,3 +5,4 @@ from .explicit_attention import ExplicitAttention
 
 __all__ = ["PASS_REGISTRY", "Pass", "PassContext", "parse_pass_spec", "register_pass", "ExplicitAttention"]
 from .snp import SNP  # noqa: E402
+from .head_prune import HeadPrune  # noqa: E402
