@@ -76,41 +76,42 @@ def load_calibration_images(folder: str, n: int = 64, transform: Optional[Callab
     return torch.stack(out)
 
 
-class _Stop(Exception):
-    pass
-
-
-def grab(gm: GraphModule, x: torch.Tensor, nodes: Sequence[Node]) -> dict:
-    """Values of ``nodes`` when ``gm`` runs on ``x``; interpretation stops after the last one.
+def grab(gm: GraphModule, x: torch.Tensor, nodes: Sequence[Node], given: Optional[dict] = None) -> dict:
+    """Values of ``nodes`` when ``gm`` runs on ``x``, computing only their ancestors.
 
     Args:
-        gm: a captured graph (its ``meta['val']`` may be stale; only node order matters).
+        gm: a captured graph (its ``meta['val']`` may be stale; only the graph matters).
         x: an image batch ``[B, 3, H, W]``.
         nodes: nodes of ``gm.graph``.
+        given: ``{node: tensor}`` values to use instead of computing those nodes (e.g. a block's
+            input from a previous call), so running one block costs one block.
 
     Returns:
         ``{node: tensor}`` for every requested node.
     """
-    wanted = set(nodes)
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    last = max(order[n] for n in wanted)
-    values: dict = {}
-
-    class _Grab(torch.fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n in wanted:
-                values[n] = out
-            if order[n] >= last:
-                raise _Stop
-            return out
-
+    given = dict(given or {})
+    needed: set = set()
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        if n in needed:
+            continue
+        needed.add(n)
+        if n not in given:
+            stack.extend(n.all_input_nodes)
+    interp = torch.fx.Interpreter(gm)
+    env = interp.env
+    args_iter = iter([x])
+    interp.args_iter = args_iter
     with torch.no_grad():
-        try:
-            _Grab(gm).run(x)
-        except _Stop:
-            pass
-    return values
+        for n in gm.graph.nodes:
+            if n not in needed:
+                continue
+            if n in given:
+                env[n] = given[n]
+                continue
+            env[n] = interp.run_node(n)
+    return {n: env[n] for n in nodes}
 
 
 def iter_batches(images: torch.Tensor, batch_size: int = 16, progress: bool = False, desc: str = "calibration") -> Iterable[torch.Tensor]:

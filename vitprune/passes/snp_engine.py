@@ -74,6 +74,38 @@ def _direct_residual(site: AttentionSite, lin: Node, res: Node) -> bool:
     return False
 
 
+class _Stream:
+    """Per calibration batch, the residual stream entering the current block, for the original
+    graph and the graph being pruned (one layer's activations: bounded by the calibration set
+    itself, never one tensor per layer)."""
+
+    def __init__(self, gm, work, calibration, batch_size, sequential):
+        self.gm, self.work, self.sequential = gm, work, sequential
+        self.batches = [calibration[i:i + batch_size] for i in range(0, calibration.shape[0], batch_size)]
+        self.node_o = self.node_w = None
+        self.h_o = [None] * len(self.batches)
+        self.h_w = [None] * len(self.batches)
+
+    def _given(self, node, h, i):
+        return {node: h[i]} if node is not None and h[i] is not None else {}
+
+    def orig(self, i, nodes):
+        return grab(self.gm, self.batches[i], nodes, self._given(self.node_o, self.h_o, i))
+
+    def pruned(self, i, nodes):
+        if not self.sequential:
+            raise RuntimeError("pruned activations are not used in non-sequential mode")
+        return grab(self.work, self.batches[i], nodes, self._given(self.node_w, self.h_w, i))
+
+    def advance(self, node_o, node_w):
+        """Move both streams to the inputs of the next block."""
+        for i in range(len(self.batches)):
+            ho = self.orig(i, [node_o])[node_o]
+            hw = self.pruned(i, [node_w])[node_w] if self.sequential else None
+            self.h_o[i], self.h_w[i] = ho, hw
+        self.node_o, self.node_w = node_o, node_w
+
+
 def prune_blocks(gm: GraphModule, calibration: torch.Tensor, plans: list[BlockPlan], opts: EngineOptions,
                  on_block: Optional[Callable[[int], None]] = None) -> tuple[GraphModule, list[dict]]:
     """Prune every block of a copy of ``gm`` to ``plans`` (one per attention site).
@@ -91,25 +123,44 @@ def prune_blocks(gm: GraphModule, calibration: torch.Tensor, plans: list[BlockPl
     work = copy.deepcopy(gm)
     sites_o = find_attention_sites(gm)
     sites_w = find_attention_sites(work)
+    stream = _Stream(gm, work, calibration, opts.batch_size, opts.sequential)
     records = []
-    for li, (so, sw, plan) in enumerate(zip(sites_o, sites_w, plans)):
+    blocks = range(len(plans))
+    if opts.progress:
+        from tqdm import tqdm
+
+        blocks = tqdm(blocks, desc="snp blocks", leave=False)
+    for li in blocks:
+        so, sw, plan = sites_o[li], sites_w[li], plans[li]
         rec = {"block": li}
         H, d, dv = sw.num_heads, sw.head_dim, value_head_dim(sw)
-        changed_attn = (plan.heads, plan.qk, plan.v) != (H, d, dv)
-        if changed_attn:
-            rec.update(_prune_attention_block(gm, work, so, sw, plan, calibration, opts))
         m = sw.fc1.out_features if sw.fc1 is not None else None
-        if plan.mlp is not None and m is not None and plan.mlp != m:
+        attn = (plan.heads, plan.qk, plan.v) != (H, d, dv)
+        mlp = plan.mlp is not None and m is not None and plan.mlp != m
+        if (attn or mlp) and stream.node_o is None:
+            stream.advance(so.block_input, sw.block_input)
+        if attn:
+            rec.update(_prune_attention_block(stream, so, sw, plan, opts))
             work.graph.eliminate_dead_code()
             work.recompile()
-            rec.update(_prune_mlp_block(gm, work, so, sw, plan, calibration, opts))
+        if mlp:
+            rec.update(_prune_mlp_block(stream, so, sw, plan, opts))
+            work.graph.eliminate_dead_code()
+            work.recompile()
         rec.update(heads=plan.heads, qk=plan.qk, v=plan.v, mlp=plan.mlp if plan.mlp is not None else m)
         records.append(rec)
-        work.graph.eliminate_dead_code()
-        work.recompile()
+        later = [i for i in range(li + 1, len(plans)) if _changes(sites_w[i], plans[i])]
+        if later and stream.node_o is not None:
+            stream.advance(sites_o[li + 1].block_input, sites_w[li + 1].block_input)
         if on_block:
             on_block(li)
     return work, records
+
+
+def _changes(s: AttentionSite, plan: BlockPlan) -> bool:
+    m = s.fc1.out_features if s.fc1 is not None else None
+    return (plan.heads, plan.qk, plan.v) != (s.num_heads, s.head_dim, value_head_dim(s)) or (
+        plan.mlp is not None and m is not None and plan.mlp != m)
 
 
 def _last_before(lin: Node, res: Node) -> Node:
@@ -121,33 +172,42 @@ def _last_before(lin: Node, res: Node) -> Node:
         cur = nxt
 
 
-def _prune_attention_block(gm, work, so, sw, plan, calibration, opts) -> dict:
+def _skip(site: AttentionSite, lin: Node, res: Optional[Node]) -> Optional[Node]:
+    """The other operand of the residual add after ``lin`` (None if a layer scale sits between)."""
+    if res is None or not _direct_residual(site, lin, res):
+        return None
+    last = _last_before(lin, res)
+    return [a for a in res.args if a is not last][0]
+
+
+def _targets(stream, i, so, sw, lin_o, lin_w, res_o, res_w, x_w, x_o, extra_w=(), extra_o=()):
+    """Input ``x`` of the linear (pruned model if sequential) and its refit target ``t``:
+    original residual stream minus the pruned model's skip input (sequential, no layer scale),
+    else the original linear's output."""
+    skip_w, skip_o = _skip(sw, lin_w, res_w), _skip(so, lin_o, res_o)
+    if stream.sequential:
+        vo = stream.orig(i, [res_o if skip_w is not None else lin_o, *extra_o])
+        vw = stream.pruned(i, [x_w] + ([skip_w] if skip_w is not None else []) + list(extra_w))
+        t = vo[res_o] - vw[skip_w] if skip_w is not None else vo[lin_o]
+        return vw[x_w], t, vw, vo
+    vo = stream.orig(i, [x_o, lin_o, *extra_o])
+    return vo[x_o], vo[lin_o], {}, vo
+
+
+def _prune_attention_block(stream, so, sw, plan, opts) -> dict:
+    work = stream.work
     H, d, dv = sw.num_heads, sw.head_dim, value_head_dim(sw)
-    proj_in_w = sw.proj.node.args[0]
-    skip_w = None
-    if _direct_residual(sw, sw.proj.node, sw.attn_residual):
-        last = _last_before(sw.proj.node, sw.attn_residual)
-        skip_w = [a for a in sw.attn_residual.args if a is not last][0]
     pair_sum = torch.zeros(H, d, dtype=torch.float64)
     stats = LinearStats.zeros(H * dv, sw.proj.out_features)
     need_qk = plan.qk < d or plan.heads < H
-    for xb in iter_batches(calibration, opts.batch_size, opts.progress, f"block {sw.block_index} attention"):
-        want_w = [proj_in_w] + ([sw.q, sw.k] if need_qk else []) + ([skip_w] if skip_w is not None else [])
-        if opts.sequential:
-            vw = grab(work, xb, want_w)
-            vo = grab(gm, xb, [so.attn_residual, so.proj.node])
-            q, k, x = vw.get(sw.q), vw.get(sw.k), vw[proj_in_w]
-        else:
-            want_o = [so.proj.node.args[0], so.attn_residual, so.proj.node] + ([so.q, so.k] if need_qk else [])
-            vo = grab(gm, xb, want_o)
-            vw = {skip_w: None}
-            q, k, x = vo.get(so.q), vo.get(so.k), vo[so.proj.node.args[0]]
+    for i in range(len(stream.batches)):
+        x, t, vw, vo = _targets(stream, i, so, sw, so.proj.node, sw.proj.node, so.attn_residual, sw.attn_residual,
+                                sw.proj.node.args[0], so.proj.node.args[0],
+                                extra_w=[sw.q, sw.k] if need_qk and stream.sequential else (),
+                                extra_o=[so.q, so.k] if need_qk and not stream.sequential else ())
         if need_qk:
+            q, k = (vw[sw.q], vw[sw.k]) if stream.sequential else (vo[so.q], vo[so.k])
             pair_sum += qk_pair_scores(q, k, opts.gamma_energy, opts.gamma_cap).sum(0)
-        if skip_w is not None and opts.sequential:
-            t = vo[so.attn_residual] - vw[skip_w]
-        else:
-            t = vo[so.proj.node]
         stats.add(x, t)
     # --- choose heads, q-k pairs, value neurons
     hs = pair_sum.mean(-1)
@@ -161,8 +221,7 @@ def _prune_attention_block(gm, work, so, sw, plan, calibration, opts) -> dict:
     v_keep = [top_indices(vs[h], plan.v) for h in heads]
     cols = [h * dv + i for h, keep in zip(heads, v_keep) for i in keep]
     b_proj = sw.proj.bias_tensor(work)
-    w_sl = w_proj[:, cols]
-    err_sliced = reconstruction_error(stats, cols, w_sl, b_proj)
+    err_sliced = reconstruction_error(stats, cols, w_proj[:, cols], b_proj)
     w_new = b_new = None
     err = err_sliced
     if opts.compensate:
@@ -174,25 +233,13 @@ def _prune_attention_block(gm, work, so, sw, plan, calibration, opts) -> dict:
     return {"kept_heads": heads, "attn_err_sliced": err_sliced, "attn_err": err}
 
 
-def _prune_mlp_block(gm, work, so, sw, plan, calibration, opts) -> dict:
+def _prune_mlp_block(stream, so, sw, plan, opts) -> dict:
+    work = stream.work
     m = sw.fc1.out_features
-    fc2_in_w = sw.fc2.node.args[0]
-    skip_w = None
-    if sw.mlp_residual is not None and _direct_residual(sw, sw.fc2.node, sw.mlp_residual):
-        last = _last_before(sw.fc2.node, sw.mlp_residual)
-        skip_w = [a for a in sw.mlp_residual.args if a is not last][0]
     stats = LinearStats.zeros(m, sw.fc2.out_features)
-    for xb in iter_batches(calibration, opts.batch_size, opts.progress, f"block {sw.block_index} mlp"):
-        if opts.sequential:
-            vw = grab(work, xb, [fc2_in_w] + ([skip_w] if skip_w is not None else []))
-            x = vw[fc2_in_w]
-            if skip_w is not None:
-                t = grab(gm, xb, [so.mlp_residual])[so.mlp_residual] - vw[skip_w]
-            else:
-                t = grab(gm, xb, [so.fc2.node])[so.fc2.node]
-        else:
-            vo = grab(gm, xb, [so.fc2.node.args[0], so.fc2.node])
-            x, t = vo[so.fc2.node.args[0]], vo[so.fc2.node]
+    for i in range(len(stream.batches)):
+        x, t, _, _ = _targets(stream, i, so, sw, so.fc2.node, sw.fc2.node, so.mlp_residual, sw.mlp_residual,
+                              sw.fc2.node.args[0], so.fc2.node.args[0])
         stats.add(x, t)
     w2 = sw.fc2.weight_tensor(work).detach()
     b2 = sw.fc2.bias_tensor(work)
