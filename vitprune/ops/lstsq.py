@@ -33,12 +33,14 @@ class LinearStats:
 
     def add(self, x: torch.Tensor, t: torch.Tensor) -> None:
         """Accumulate inputs ``x`` ``[..., M]`` and targets ``t`` ``[..., D]``."""
-        x = x.reshape(-1, x.shape[-1]).double()
-        t = t.reshape(-1, t.shape[-1]).double()
+        # products in fp32 per batch (fast), sums across batches in fp64
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        x = x.reshape(-1, x.shape[-1]).to(dt)
+        t = t.reshape(-1, t.shape[-1]).to(dt)
         xa = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
-        self.A += xa.T @ xa
-        self.C += xa.T @ t
-        self.tt += float((t * t).sum())
+        self.A += (xa.T @ xa).double()
+        self.C += (xa.T @ t).double()
+        self.tt += float((t.double() * t.double()).sum())
         self.count += x.shape[0]
 
     @property
