@@ -51,7 +51,10 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--png", default="docs/snp_accuracy.png")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--merge", nargs="+", default=None, help="only merge earlier --json/log outputs")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, args.png, args.model, args.calib_images)
     torch.set_num_threads(args.threads)
 
     import safetensors.torch
@@ -74,6 +77,7 @@ def main():
     rows = [dict(reduction=0.0, criterion="-", compensate="-", gmacs=base_g,
                  top1_heldout=float((p_all[nc:] == ye).float().mean()), top1_all=float((p_all == y).float().mean()),
                  agree_heldout=1.0, seconds=0.0)]
+    print(json.dumps(rows[0]), flush=True)
     print(f"unpruned: {base_g:.3f} GMACs, top-1 held-out {rows[0]['top1_heldout']:.4f} "
           f"({x.shape[0] - nc} images), all {rows[0]['top1_all']:.4f} ({x.shape[0]})", flush=True)
     for red in args.reductions:
@@ -91,39 +95,63 @@ def main():
                            agree_heldout=float((p[nc:] == p_all[nc:]).float().mean()), seconds=secs, spec=spec)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    report(rows, args.png, args.model, nc, x.shape[0])
+
+
+def report(rows, png, model_name, nc, total):
+    """Markdown table (drops vs the unpruned row) and a PNG of top-1 vs GMACs."""
     print()
-    print(f"| GMACs reduction | criterion | recovery | GMACs | top-1 held-out ({x.shape[0] - nc}) | drop (pt) | "
-          f"top-1 all ({x.shape[0]}) | agreement |")
+    print(f"| GMACs reduction | criterion | recovery | GMACs | top-1 held-out ({total - nc}) | drop (pt) | "
+          f"top-1 all ({total}) | agreement |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         drop = 100 * (rows[0]["top1_heldout"] - r["top1_heldout"])
         print(f"| {100 * r['reduction']:.0f} % | {r['criterion']} | {r['compensate']} | {r['gmacs']:.3f} | "
               f"{100 * r['top1_heldout']:.1f} | {drop:.1f} | {100 * r['top1_all']:.1f} | {100 * r['agree_heldout']:.1f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    if args.png:
+    if png:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        os.makedirs(os.path.dirname(args.png) or ".", exist_ok=True)
+        os.makedirs(os.path.dirname(png) or ".", exist_ok=True)
         fig, ax = plt.subplots(figsize=(6, 4))
-        for crit in args.criteria:
-            for comp in args.compensate:
-                pts = [r for r in rows[1:] if r["criterion"] == crit and r["compensate"] == comp]
-                ax.plot([r["gmacs"] for r in pts], [100 * r["top1_heldout"] for r in pts], "o-",
-                        label=f"{crit}, recovery={comp}")
-        ax.plot([base_g], [100 * rows[0]["top1_heldout"]], "k*", ms=12, label="unpruned")
+        combos = sorted({(r["criterion"], r["compensate"]) for r in rows[1:]})
+        for crit, comp in combos:
+            pts = sorted((r for r in rows[1:] if r["criterion"] == crit and r["compensate"] == comp),
+                         key=lambda r: r["gmacs"])
+            ax.plot([r["gmacs"] for r in pts], [100 * r["top1_heldout"] for r in pts], "o-",
+                    label=f"{crit} scores, recovery={comp}")
+        ax.plot([rows[0]["gmacs"]], [100 * rows[0]["top1_heldout"]], "k*", ms=12, label="unpruned")
         ax.set_xlabel("GMACs per image")
-        ax.set_ylabel(f"top-1 % (held-out {x.shape[0] - nc} images)")
-        ax.set_title(f"SNP zero-shot on {args.model} (calibration: first {nc} images)")
+        ax.set_ylabel(f"top-1 % (held-out {total - nc} images)")
+        ax.set_title(f"SNP zero-shot, {model_name} (calibration: first {nc} images)", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(args.png, dpi=120)
-        print(f"wrote {args.png}")
+        fig.savefig(png, dpi=120)
+        print(f"wrote {png}")
+
+
+def merge(paths, png, model_name="deit_tiny_patch16_224", nc=64, total=500):
+    """Combine rows printed (JSON lines) or saved (--json) by several runs into one table/PNG."""
+    base, rows = None, []
+    for p in paths:
+        text = open(p).read()
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError:
+            items = [json.loads(l) for l in text.splitlines() if l.startswith("{")]
+        for r in items:
+            if r["criterion"] == "-":
+                base = r
+            else:
+                rows.append(r)
+    rows.sort(key=lambda r: (r["reduction"], r["criterion"], r["compensate"]))
+    report([base] + rows, png, model_name, nc, total)
 
 
 if __name__ == "__main__":

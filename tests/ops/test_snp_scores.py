@@ -79,3 +79,21 @@ def test_refit_matches_lstsq_and_error_formula():
     assert abs(reconstruction_error(st, keep, w[:, keep], None) - direct) < 1e-9
     # the refit is the least-squares optimum: never worse than slicing
     assert reconstruction_error(st, keep, wf, bf) <= reconstruction_error(st, keep, w[:, keep], None)
+
+
+def test_greedy_lsq_single_removal_is_bruteforce_optimal():
+    from vitprune.ops.lstsq import greedy_lsq_select
+
+    torch.manual_seed(3)
+    x = torch.randn(300, 6, dtype=torch.float64) @ torch.randn(6, 6, dtype=torch.float64)
+    t = x @ torch.randn(6, 2, dtype=torch.float64) + 0.3 * torch.randn(300, 2, dtype=torch.float64)
+    st = LinearStats.zeros(6, 2)
+    st.add(x, t)
+    (kept,) = greedy_lsq_select(st, [list(range(6))], 5, ridge=0.0)
+    errs = {}
+    for j in range(6):
+        keep = [i for i in range(6) if i != j]
+        w, b = refit(st, keep, ridge=0.0)
+        errs[j] = reconstruction_error(st, keep, w.double(), b.double())
+    best = min(errs, key=errs.get)
+    assert kept == [i for i in range(6) if i != best]

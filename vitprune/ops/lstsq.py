@@ -87,3 +87,44 @@ def refit(stats: LinearStats, keep: Sequence[int], ridge: float = 1e-3) -> tuple
     a += torch.diag(reg)
     sol = torch.linalg.solve(a, c)  # [|S|+1, D]
     return sol[:-1].T.float().contiguous(), sol[-1].float().contiguous()
+
+
+def greedy_lsq_select(stats: LinearStats, groups: Sequence[Sequence[int]], keep_per_group: int,
+                      ridge: float = 1e-3) -> list[list[int]]:
+    """Choose the inputs to keep by greedy least-squares (Optimal-Brain-Surgeon style) removal.
+
+    Starting from the ridge refit on all inputs, repeatedly remove the input ``j`` whose removal,
+    with optimal re-fit of the others, increases the calibration error least:
+    ``delta_j = ||w_j||^2 / [A^-1]_jj`` (``w_j`` = row ``j`` of the refit ``[M+1, D]`` solution),
+    then downdate ``A^-1`` and the solution (rank-1; Hassibi & Stork 1993; the structured form of
+    Kwon et al. 2022's least-squares mask tuning). The bias row is never removed. Inputs are
+    removed round-robin over ``groups`` (e.g. heads) so every group keeps ``keep_per_group``.
+
+    Returns:
+        per group, the sorted kept indices.
+    """
+    m = stats.A.shape[0] - 1
+    a = stats.A.clone()
+    lam = ridge * float(a.diagonal()[:-1].mean())
+    a[range(m), range(m)] += lam
+    ainv = torch.linalg.inv(a)
+    w = ainv @ stats.C  # [M+1, D]
+    alive = torch.ones(m + 1, dtype=torch.bool)
+    kept = [list(g) for g in groups]
+    rounds = len(kept[0]) - keep_per_group
+    for _ in range(rounds):
+        for gi, g in enumerate(kept):
+            idx = torch.as_tensor(g)
+            d = ainv.diagonal()[idx].clamp_min(1e-30)
+            delta = (w[idx] ** 2).sum(1) / d
+            j = int(idx[int(torch.argmin(delta))])
+            # OBS update: remove j, compensate the others
+            col = ainv[:, j].clone()
+            w -= torch.outer(col / ainv[j, j], w[j])
+            ainv -= torch.outer(col, col) / ainv[j, j]
+            ainv[j, :] = 0
+            ainv[:, j] = 0
+            w[j] = 0
+            alive[j] = False
+            g.remove(j)
+    return [sorted(g) for g in kept]

@@ -25,7 +25,7 @@ from .snp_engine import BlockPlan, EngineOptions, prune_blocks
 from .snp_presets import PRESETS, preset_name
 from .snp_surgery import finalize, value_head_dim
 
-CRITERIA = ("snp", "activation")
+CRITERIA = ("snp", "activation", "lsq")
 
 
 def kept(n: int, ratio: float, round_to: int = 1) -> int:
@@ -64,7 +64,12 @@ class SNP(Pass):
         embed: fraction of residual-stream channels removed (timm models only).
         target_gmacs: choose the uniform ``ratio`` so the model has at most this many GMACs.
         criterion: ``snp`` (§2b: q-k pair score, 1-|cos| redundancy of v/fc1 weight rows) or
-            ``activation`` (q-k pair score, ``||a_j||·||W_next[:, j]||`` for v/fc1).
+            ``activation`` (q-k pair score, ``||a_j||·||W_next[:, j]||`` for v/fc1) or ``lsq``
+            (q-k pair score; v/fc1 chosen by greedy least-squares removal, see
+            :func:`vitprune.ops.lstsq.greedy_lsq_select`).
+        mix: relative weights of the (q-k, v, fc1) ratios when ``ratio``/``target_gmacs`` sets them
+            (ratio of part p = ratio · mix[p], capped at 0.95); ``0;1;1`` prunes only what the
+            least-squares recovery can compensate (v, fc1).
         compensate: refit proj/fc2 by ridge least squares on calibration activations.
         sequential: feed each block the already pruned model's activations.
         calib: image folder for calibration (else ``compile(calibration=...)``).
@@ -93,6 +98,7 @@ class SNP(Pass):
     round_to: int = 1
     ridge: float = 1e-3
     batch_size: int = 16
+    mix: Optional[list[float]] = None
 
     def validate(self) -> None:
         if self.preset is not None and preset_name(self.preset) not in PRESETS:
@@ -110,6 +116,8 @@ class SNP(Pass):
             raise InvalidPassConfigError(f"snp: calib_images={self.calib_images} must be >= 1")
         if self.round_to < 1:
             raise InvalidPassConfigError(f"snp: round_to={self.round_to} must be >= 1")
+        if self.mix is not None and (len(self.mix) != 3 or any(w < 0 for w in self.mix)):
+            raise InvalidPassConfigError(f"snp: mix={self.mix} must be 3 non-negative weights for q-k, v, fc1")
         if self.ridge < 0:
             raise InvalidPassConfigError(f"snp: ridge={self.ridge} must be >= 0")
         given = [n for n in ("preset", "ratio", "target_gmacs") if getattr(self, n) is not None]
@@ -149,7 +157,10 @@ class SNP(Pass):
         for i, s in enumerate(sites):
             def r(name):
                 lst = getattr(self, name)
-                return uniform if lst is None else float(lst[0] if len(lst) == 1 else lst[i])
+                if lst is not None:
+                    return float(lst[0] if len(lst) == 1 else lst[i])
+                w = 1.0 if self.mix is None else float(self.mix[("qk", "v", "fc1").index(name)])
+                return min(0.95, uniform * w)
             d, dv = s.head_dim, value_head_dim(s)
             qk, v = kept(d, r("qk"), self.round_to), kept(dv, r("v"), self.round_to)
             for what, k, n, rr in (("q-k", qk, d, r("qk")), ("v", v, dv, r("v"))):

@@ -29,7 +29,7 @@ from torch.fx import GraphModule, Node
 from ..calibration import grab, iter_batches
 from ..ir.match import VIEW_OPS, find_attention_sites
 from ..ir.sites import AttentionSite
-from ..ops.lstsq import LinearStats, reconstruction_error, refit
+from ..ops.lstsq import LinearStats, greedy_lsq_select, reconstruction_error, refit
 from ..ops.snp_scores import activation_scores, qk_pair_scores, redundancy_scores, top_indices
 from .snp_surgery import prune_attention, prune_mlp, qkv_head_weights, value_head_dim
 
@@ -214,11 +214,15 @@ def _prune_attention_block(stream, so, sw, plan, opts) -> dict:
     heads = top_indices(hs, plan.heads) if plan.heads < H else list(range(H))
     qk_keep = [top_indices(pair_sum[h], plan.qk) for h in heads]
     w_proj = sw.proj.weight_tensor(work).detach()
-    if opts.criterion == "activation":
-        vs = activation_scores(stats.gram_diag, w_proj).reshape(H, dv)
+    if opts.criterion == "lsq":
+        sel = greedy_lsq_select(stats, [list(range(h * dv, (h + 1) * dv)) for h in heads], plan.v, opts.ridge)
+        v_keep = [[c - h * dv for c in g] for h, g in zip(heads, sel)]
     else:
-        vs = redundancy_scores(qkv_head_weights(work, sw)[2][0])
-    v_keep = [top_indices(vs[h], plan.v) for h in heads]
+        if opts.criterion == "activation":
+            vs = activation_scores(stats.gram_diag, w_proj).reshape(H, dv)
+        else:
+            vs = redundancy_scores(qkv_head_weights(work, sw)[2][0])
+        v_keep = [top_indices(vs[h], plan.v) for h in heads]
     cols = [h * dv + i for h, keep in zip(heads, v_keep) for i in keep]
     b_proj = sw.proj.bias_tensor(work)
     err_sliced = reconstruction_error(stats, cols, w_proj[:, cols], b_proj)
@@ -243,11 +247,14 @@ def _prune_mlp_block(stream, so, sw, plan, opts) -> dict:
         stats.add(x, t)
     w2 = sw.fc2.weight_tensor(work).detach()
     b2 = sw.fc2.bias_tensor(work)
-    if opts.criterion == "activation":
-        sc = activation_scores(stats.gram_diag, w2)
+    if opts.criterion == "lsq":
+        keep = greedy_lsq_select(stats, [list(range(m))], plan.mlp, opts.ridge)[0]
     else:
-        sc = redundancy_scores(sw.fc1.weight_tensor(work).detach()[None])[0]
-    keep = top_indices(sc, plan.mlp)
+        if opts.criterion == "activation":
+            sc = activation_scores(stats.gram_diag, w2)
+        else:
+            sc = redundancy_scores(sw.fc1.weight_tensor(work).detach()[None])[0]
+        keep = top_indices(sc, plan.mlp)
     err_sliced = reconstruction_error(stats, keep, w2[:, keep], b2)
     w_new = b_new = None
     err = err_sliced
