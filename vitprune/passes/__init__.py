@@ -2,7 +2,12 @@
 
 from .base import PASS_REGISTRY, Pass, PassContext, parse_pass_spec, register_pass
 from .explicit_attention import ExplicitAttention
+from .head_prune import HeadPrune
+from .snp import SNP
+from .tome import ToMe
+from .zero_tprune import ZeroTPrune, kept_token_indices
 
-__all__ = ["PASS_REGISTRY", "Pass", "PassContext", "parse_pass_spec", "register_pass", "ExplicitAttention"]
-from .tome import ToMe  # noqa: E402,F401  (registers "tome")
-from .zero_tprune import ZeroTPrune, kept_token_indices  # noqa: E402,F401  (registers "zero-tprune")
+__all__ = [
+    "PASS_REGISTRY", "Pass", "PassContext", "parse_pass_spec", "register_pass",
+    "ExplicitAttention", "HeadPrune", "SNP", "ToMe", "ZeroTPrune", "kept_token_indices",
+]

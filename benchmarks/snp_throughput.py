@@ -1,0 +1,67 @@
+"""Throughput of SNP presets vs the unpruned model, one run, interleaved repeats, ratios.
+
+DeiT-S with random weights (speed does not depend on the weight values), torch backend,
+batch 32. Each round times every model once, in turn, so background load hits all alike;
+the ratio of medians is printed.
+
+    PYTHONPATH=. python benchmarks/snp_throughput.py --threads 2 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="deit_small_patch16_224")
+    ap.add_argument("--presets", nargs="+", default=["deit-s", "deit-s-small"])
+    ap.add_argument("--extra", nargs="*", default=[], help="extra pass pipelines, ';'-free specs joined by '+'")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import timm
+
+    import vitprune
+
+    torch.manual_seed(0)
+    model = timm.create_model(args.model).eval()
+    example = torch.randn(2, 3, 224, 224)
+    calib = torch.randn(4, 3, 224, 224)
+    pipelines = {"unpruned": []}
+    for p in args.presets:
+        pipelines[f"snp-{p}"] = [f"snp:preset={p},compensate=false,sequential=false,calib_images=4"]
+    for e in args.extra:
+        pipelines[e] = e.split("+")
+    compiled = {}
+    for name, passes in pipelines.items():
+        compiled[name] = vitprune.compile(model, passes, example_inputs=example, calibration=calib, progress=False)
+        print(f"{name}: {compiled[name].report.gmacs_after:.3f} GMACs", flush=True)
+    x = torch.randn(args.batch, 3, 224, 224)
+    times = {n: [] for n in compiled}
+    with torch.no_grad():
+        for c in compiled.values():
+            c(x)
+        for r in range(args.rounds):
+            for n, c in compiled.items():
+                t = time.perf_counter()
+                c(x)
+                times[n].append(time.perf_counter() - t)
+    base = args.batch / statistics.median(times["unpruned"])
+    print()
+    print(f"| model | GMACs | img/s (batch {args.batch}, {args.threads} threads) | speed-up |")
+    print("|---|---|---|---|")
+    for n, c in compiled.items():
+        ips = args.batch / statistics.median(times[n])
+        print(f"| {n} | {c.report.gmacs_after:.2f} | {ips:.1f} | {ips / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

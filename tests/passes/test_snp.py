@@ -1,0 +1,244 @@
+"""SNP and head-prune passes on small random-weight models (timm, Hugging Face, torchvision)."""
+
+import os
+import warnings
+
+import pytest
+import timm
+import torch
+
+import vitprune
+from vitprune.calibration import grab, load_calibration_images
+from vitprune.errors import DataError, InvalidPassConfigError
+from vitprune.eval.flops import gmacs
+from vitprune.ir.capture import capture
+from vitprune.ir.match import find_attention_sites
+from vitprune.passes.base import Pass, parse_pass_spec
+from vitprune.passes.snp import SNP, block_macs
+from vitprune.passes.snp_presets import PRESETS
+from vitprune.passes.snp_surgery import finalize, prune_attention
+
+torch.set_num_threads(1)
+X = torch.randn(2, 3, 224, 224)
+CAL = torch.randn(4, 3, 224, 224)
+
+
+def tiny(depth=2, **kw):
+    torch.manual_seed(0)
+    return timm.create_model("deit_tiny_patch16_224", depth=depth, num_classes=10, **kw).eval()
+
+
+def test_ratio_zero_reproduces_outputs():
+    m = tiny()
+    c = vitprune.compile(m, ["snp:ratio=0"], example_inputs=X, calibration=CAL, progress=False)
+    with torch.no_grad():
+        assert torch.equal(c(X), m(X))
+
+
+def test_qk_pruned_logits_equal_sum_of_kept_rank1_terms():
+    m = tiny().double()
+    x = X.double()
+    gm = capture(m, x)
+    site = find_attention_sites(gm)[0]
+    ref = grab(gm, x, [site.q, site.k])
+    q0, k0 = ref[site.q], ref[site.k]  # [B, H, N, d]
+    H, d = site.num_heads, site.head_dim
+    keep = [[0, 3, 5, 9, 63], [1, 2, 4, 8, 16], [10, 20, 30, 40, 50]]
+    prune_attention(gm, site, list(range(H)), keep, [list(range(d))] * H)
+    gm2 = finalize(gm, (x,))
+    s2 = find_attention_sites(gm2)[0]
+    assert s2.head_dim == 5 and abs(s2.scale - 64 ** -0.5) < 1e-12  # original scale kept
+    got = grab(gm2, x, [s2.q, s2.k])
+    for h in range(H):
+        logits = got[s2.q][:, h] @ got[s2.k][:, h].transpose(-1, -2)
+        rank1 = sum(torch.einsum("bi,bj->bij", q0[:, h, :, n], k0[:, h, :, n]) for n in keep[h])
+        assert torch.allclose(logits, rank1, atol=1e-10)
+
+
+def test_scale_kept_in_pruned_model_output():
+    """SDPA after q-k pruning must use 64**-0.5, not d'**-0.5: compare with a manual block."""
+    m = tiny(depth=1)
+    c = vitprune.compile(m, ["snp:ratio=0.5,compensate=false"], example_inputs=X, calibration=CAL, progress=False)
+    s = find_attention_sites(c.graph_module)[0]
+    assert s.head_dim == 32 and abs(s.scale - 0.125) < 1e-9
+
+
+@pytest.mark.parametrize("name", ["deit-t"])  # deit-s works too (benchmarks/snp_throughput.py); kept fast
+def test_preset_gmacs_match_table_and_analytic(name):
+    p = PRESETS[name]
+    a = p["arch"]
+    m = timm.create_model("deit_tiny_patch16_224" if name == "deit-t" else "deit_small_patch16_224").eval()
+    c = vitprune.compile(m, [f"snp:preset={name},compensate=false,sequential=false,calib_images=1"],
+                         example_inputs=X, calibration=CAL, progress=False)
+    g = c.report.gmacs_after
+    D = p["embed"]
+    analytic = (sum(block_macs(197, D, a["num_heads"], p["qk"][i], p["v"][i], p["mlp"][i]) for i in range(12))
+                + 196 * D * 3 * 256 + D * 1000) / 1e9
+    assert abs(g - analytic) / analytic < 0.005
+    assert abs(g - p["gmacs"]) / p["gmacs"] < 0.02
+    params = sum(t.numel() for t in c.graph_module.parameters())
+    ref_params = (sum(D * a["num_heads"] * (2 * p["qk"][i] + p["v"][i]) + a["num_heads"] * (2 * p["qk"][i] + p["v"][i])
+                      + a["num_heads"] * p["v"][i] * D + D + 2 * D * p["mlp"][i] + p["mlp"][i] + D + 4 * D
+                      for i in range(12)) + D * 3 * 256 + D + D + 197 * D + 2 * D + D * 1000 + 1000)
+    assert params == ref_params
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_tables_analytic_gmacs(name):
+    p = PRESETS[name]
+    a = p["arch"]
+    D = p["embed"]
+    g = (sum(block_macs(197, D, a["num_heads"], p["qk"][i], p["v"][i], p["mlp"][i]) for i in range(12))
+         + 196 * D * 3 * 256 + D * 1000) / 1e9
+    assert abs(g - p["gmacs"]) / p["gmacs"] < 0.02
+
+
+def test_preset_for_other_architecture_rejected():
+    with pytest.raises(InvalidPassConfigError, match="deit-b.*embed_dim=192"):
+        vitprune.compile(tiny(depth=12), ["snp:preset=deit-b"], example_inputs=X, calibration=CAL, progress=False)
+
+
+def test_target_gmacs_reached():
+    m = tiny(depth=2)
+    base = gmacs(capture(m, X))
+    c = vitprune.compile(m, [SNP(target_gmacs=0.8 * base, compensate=False, sequential=False)], example_inputs=X,
+                         calibration=CAL, progress=False)
+    assert 0.75 * base <= c.report.gmacs_after <= 0.8 * base * 1.001
+
+
+def test_recovery_reduces_block_output_error_on_calibration():
+    m = tiny(depth=2)
+    errs = {}
+    for comp in (False, True):
+        c = vitprune.compile(m, [SNP(ratio=0.4, compensate=comp, criterion="activation")], example_inputs=X,
+                             calibration=CAL, progress=False)
+        with torch.no_grad():
+            errs[comp] = float((c(CAL) - m(CAL)).pow(2).mean())
+        recs = c.report.passes[0]["blocks"]
+        for r in recs:
+            assert r["attn_err"] <= r["attn_err_sliced"] + 1e-12 and r["mlp_err"] <= r["mlp_err_sliced"] + 1e-12
+    assert errs[True] < errs[False]
+
+
+def test_hugging_face_separate_qkv_and_head_prune_compose():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, num_labels=10)
+    m = ViTForImageClassification(cfg).eval()
+    for passes in (["snp:ratio=0.25", "head-prune:heads=1"], ["head-prune:heads=1", "snp:ratio=0.25"]):
+        c = vitprune.compile(m, passes, example_inputs=X, calibration=CAL, progress=False)
+        s = find_attention_sites(c.graph_module)
+        assert [x.num_heads for x in s] == [3, 3] and s[0].head_dim == 12
+        assert c(torch.randn(3, 3, 224, 224)).shape == (3, 10)
+
+
+def test_torchvision_mha():
+    import torchvision
+
+    torch.manual_seed(0)
+    m = torchvision.models.VisionTransformer(224, 16, 2, 4, 64, 128, num_classes=10).eval()
+    c = vitprune.compile(m, ["snp:ratio=0.25"], example_inputs=X, calibration=CAL, progress=False)
+    assert find_attention_sites(c.graph_module)[0].head_dim == 12
+
+
+def test_explicit_attention_and_fewer_tokens_later():
+    """The pass reads N per site: explicit attention, 100 tokens after block 0."""
+    from vitprune.ir.capture import recapture
+    from vitprune.ir.rewrite import relax_token_dim
+    from vitprune.passes.base import PassContext
+    from vitprune.passes.explicit_attention import ExplicitAttention
+
+    m = tiny(depth=2)
+    gm = capture(m, X)
+    gm = ExplicitAttention()(gm, PassContext(example_inputs=(X,), records=[{}]))
+    s = find_attention_sites(gm)[0]
+    out = s.block_output
+    with gm.graph.inserting_after(out):
+        sl = gm.graph.call_function(torch.ops.aten.slice.Tensor, (out, 1, 0, 100))
+    sl.meta.update({k: out.meta[k] for k in ("nn_module_stack",) if k in out.meta})
+    out.replace_all_uses_with(sl, delete_user_cb=lambda u: u is not sl)
+    relax_token_dim(gm, sl, 197)
+    gm = recapture(gm, (X,))
+    sites = find_attention_sites(gm)
+    assert [x.num_tokens for x in sites] == [197, 100] and sites[1].kind == "explicit"
+    ctx = PassContext(example_inputs=(X,), calibration=CAL, progress=False)
+    ctx.records.append({})
+    ref = gm(X)
+    same = SNP(ratio=0.0)(gm, ctx)
+    assert torch.equal(same(X), ref)
+    pruned = SNP(ratio=0.3)(gm, ctx)
+    assert pruned(X).shape == (2, 10) and find_attention_sites(pruned)[1].num_tokens == 100
+
+
+def test_onnx_export_parity():
+    import onnxruntime as ort
+
+    c = vitprune.compile(tiny(depth=2), ["snp:ratio=0.3,embed=0.25"], example_inputs=X, calibration=CAL,
+                         progress=False)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "snp.onnx")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(c.graph_module, (X,), path, dynamo=True)
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        got = sess.run(None, {sess.get_inputs()[0].name: X.numpy()})[0]
+    with torch.no_grad():
+        ref = c.graph_module(X).numpy()
+    assert abs(got - ref).max() <= 1e-4
+
+
+def test_config_json_round_trip_and_specs():
+    p = parse_pass_spec("snp:ratio=0.2,compensate=true,calib=/tmp/x,criterion=activation")
+    assert Pass.from_json(p.to_json()) == p
+    assert parse_pass_spec("snp:preset=deit-s").preset == "deit-s"
+    assert parse_pass_spec("snp:qk=0.1;0.2").qk == [0.1, 0.2]
+    assert parse_pass_spec("head-prune:heads=2").heads == 2
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("snp:ratio=1.0", r"ratio=1.0 is outside \[0, 1\)"),
+    ("snp:ratio=-0.1", "outside"),
+    ("snp:fc1=0.1;1.5", r"fc1\[1\]=1.5"),
+    ("snp:preset=deit-xl", "unknown preset"),
+    ("snp:criterion=l2", "criterion"),
+    ("snp:ratio=0.1,preset=deit-s", "only one of"),
+    ("head-prune:heads=-1", "non-negative"),
+])
+def test_bad_configs(spec, match):
+    with pytest.raises(InvalidPassConfigError, match=match):
+        parse_pass_spec(spec)
+
+
+def test_ratio_leaving_zero_neurons_names_block():
+    with pytest.raises(InvalidPassConfigError, match="block 0 .*leaves 0 of 64"):
+        vitprune.compile(tiny(depth=1), ["snp:qk=0.995"], example_inputs=X, calibration=CAL, progress=False)
+
+
+def test_head_prune_all_heads_rejected():
+    with pytest.raises(InvalidPassConfigError, match="has 3 heads; removing 3"):
+        vitprune.compile(tiny(depth=1), ["head-prune:heads=3"], example_inputs=X, calibration=CAL, progress=False)
+
+
+def test_missing_calibration_rejected():
+    with pytest.raises(InvalidPassConfigError, match="calibration"):
+        vitprune.compile(tiny(depth=1), ["snp:ratio=0.1"], example_inputs=X, progress=False)
+
+
+def test_calibration_folder(tmp_path):
+    from PIL import Image
+
+    with pytest.raises(DataError, match="does not exist"):
+        load_calibration_images(str(tmp_path / "nope"))
+    with pytest.raises(DataError, match="no images"):
+        load_calibration_images(str(tmp_path))
+    for i in range(3):
+        Image.new("RGB", (300, 260), (i * 40, 10, 200)).save(tmp_path / f"img{i}.jpg")
+    with pytest.warns(UserWarning, match="has 3 images, fewer than the 64"):
+        x = load_calibration_images(str(tmp_path), 64)
+    assert x.shape == (3, 3, 224, 224)
+    c = vitprune.compile(tiny(depth=1), [f"snp:ratio=0.2,calib={tmp_path},calib_images=2"], example_inputs=X,
+                         progress=False)
+    assert c.report.passes[0]["calibration_images"] == 2

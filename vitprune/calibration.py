@@ -1,0 +1,125 @@
+"""Calibration data for passes that need activations (SNP scores, least-squares recovery).
+
+* :func:`load_calibration_images`: the first ``n`` images (sorted file names) of a folder with
+  an eval transform -> ``[n, 3, H, W]``; warns when the folder has fewer, raises when none.
+* :func:`grab`: run a captured graph on a batch with a ``torch.fx.Interpreter`` and return
+  the values of the requested nodes only, stopping after the last one (nothing else kept).
+* :func:`iter_batches`: split the calibration tensor into batches, with a tqdm bar.
+
+Memory stays bounded: callers accumulate statistics batch by batch (Gram matrices, score
+sums; :mod:`vitprune.ops.lstsq`) and never hold the activations of all images.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+from torch.fx import GraphModule, Node
+
+from .errors import DataError
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+
+
+def default_transform(image_size: int = 224):
+    """timm's eval transform for DeiT/ViT ImageNet models: bicubic resize to ``size / 0.875``,
+    center crop, ImageNet mean/std normalisation."""
+    import timm.data
+
+    return timm.data.create_transform(input_size=(3, image_size, image_size), crop_pct=0.875,
+                                      interpolation="bicubic", mean=timm.data.IMAGENET_DEFAULT_MEAN,
+                                      std=timm.data.IMAGENET_DEFAULT_STD)
+
+
+def list_images(folder: str) -> list[str]:
+    """Sorted image paths in ``folder`` (non-recursive). Raises DataError if it does not exist."""
+    if not os.path.isdir(folder):
+        raise DataError(f"calibration folder '{folder}' does not exist; pass a folder of images (calib=DIR)")
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+
+
+def load_calibration_images(folder: str, n: int = 64, transform: Optional[Callable] = None, offset: int = 0,
+                            image_size: int = 224) -> torch.Tensor:
+    """Load images ``offset .. offset+n-1`` (sorted by file name) of ``folder``.
+
+    Args:
+        folder: image folder (e.g. ``../shared/data/imagenet-sample``).
+        n: number of images wanted (default 64, as SNP's ``--num-imgs-snp-calculation``).
+        transform: PIL image -> ``[3, H, W]`` tensor; default :func:`default_transform`.
+        offset: skip this many images first (keep calibration and evaluation disjoint).
+
+    Returns:
+        ``[n', 3, H, W]`` float tensor, ``n' = min(n, available)``.
+
+    Raises:
+        DataError: the folder is missing or holds no image after ``offset``.
+    Warns:
+        UserWarning: fewer than ``n`` images are available (all of them are used).
+    """
+    from PIL import Image
+
+    paths = list_images(folder)[offset:]
+    if not paths:
+        raise DataError(f"calibration folder '{folder}' has no images (suffixes {', '.join(IMAGE_SUFFIXES)}) "
+                        f"after offset {offset}")
+    if len(paths) < n:
+        warnings.warn(f"calibration folder '{folder}' has {len(paths)} images, fewer than the {n} asked; using all "
+                      f"{len(paths)}", stacklevel=2)
+    tf = transform or default_transform(image_size)
+    out = []
+    for p in paths[:n]:
+        with Image.open(p) as im:
+            out.append(tf(im.convert("RGB")))
+    return torch.stack(out)
+
+
+def grab(gm: GraphModule, x: torch.Tensor, nodes: Sequence[Node], given: Optional[dict] = None) -> dict:
+    """Values of ``nodes`` when ``gm`` runs on ``x``, computing only their ancestors.
+
+    Args:
+        gm: a captured graph (its ``meta['val']`` may be stale; only the graph matters).
+        x: an image batch ``[B, 3, H, W]``.
+        nodes: nodes of ``gm.graph``.
+        given: ``{node: tensor}`` values to use instead of computing those nodes (e.g. a block's
+            input from a previous call), so running one block costs one block.
+
+    Returns:
+        ``{node: tensor}`` for every requested node.
+    """
+    given = dict(given or {})
+    needed: set = set()
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        if n in needed:
+            continue
+        needed.add(n)
+        if n not in given:
+            stack.extend(n.all_input_nodes)
+    interp = torch.fx.Interpreter(gm)
+    env = interp.env
+    args_iter = iter([x])
+    interp.args_iter = args_iter
+    with torch.no_grad():
+        for n in gm.graph.nodes:
+            if n not in needed:
+                continue
+            if n in given:
+                env[n] = given[n]
+                continue
+            env[n] = interp.run_node(n)
+    return {n: env[n] for n in nodes}
+
+
+def iter_batches(images: torch.Tensor, batch_size: int = 16, progress: bool = False, desc: str = "calibration") -> Iterable[torch.Tensor]:
+    """Yield ``images[i:i+batch_size]`` with an optional tqdm progress bar."""
+    starts = range(0, images.shape[0], batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc=desc, leave=False)
+    for s in starts:
+        yield images[s:s + batch_size]

@@ -1,0 +1,130 @@
+"""Closed-form least-squares recovery of a linear layer after input neurons are removed.
+
+Statistics are accumulated over calibration tokens (bounded memory, no activations kept):
+``A = [X, 1]^T [X, 1]`` (``[M+1, M+1]``) and ``C = [X, 1]^T T`` (``[M+1, D]``), where ``X``
+``[tokens, M]`` is the layer input and ``T`` ``[tokens, D]`` the target output.
+
+Refit (ridge, ``lambda = ridge * mean(diag A_SS)``) for kept inputs ``S``:
+``[W'^T; b'] = (A_SS + lambda I)^-1 C_S``, with the bias row never regularised
+(issue 4 item 5; Kwon et al. 2022 "least-squares mask tuning" uses the same normal equations).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+
+@dataclass
+class LinearStats:
+    """Running sums for one linear layer: ``A`` ``[M+1, M+1]``, ``C`` ``[M+1, D]``, ``tt`` =
+    ``sum ||T||^2`` and the token count (float64)."""
+
+    A: torch.Tensor
+    C: torch.Tensor
+    tt: float = 0.0
+    count: int = 0
+
+    @classmethod
+    def zeros(cls, m: int, d: int) -> "LinearStats":
+        return cls(torch.zeros(m + 1, m + 1, dtype=torch.float64), torch.zeros(m + 1, d, dtype=torch.float64))
+
+    def add(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        """Accumulate inputs ``x`` ``[..., M]`` and targets ``t`` ``[..., D]``."""
+        # products in fp32 per batch (fast), sums across batches in fp64
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        x = x.reshape(-1, x.shape[-1]).to(dt)
+        t = t.reshape(-1, t.shape[-1]).to(dt)
+        xa = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+        self.A += (xa.T @ xa).double()
+        self.C += (xa.T @ t).double()
+        self.tt += float((t.double() * t.double()).sum())
+        self.count += x.shape[0]
+
+    @property
+    def gram_diag(self) -> torch.Tensor:
+        """``[M]`` sums of squared inputs."""
+        return self.A.diagonal()[:-1]
+
+
+def _rows(keep: Sequence[int], m: int) -> torch.Tensor:
+    return torch.cat([torch.as_tensor(list(keep), dtype=torch.long), torch.tensor([m])])
+
+
+def reconstruction_error(stats: LinearStats, keep: Sequence[int], weight: torch.Tensor,
+                         bias: Optional[torch.Tensor]) -> float:
+    """Relative error ``||X_S W^T + b - T||^2 / ||T||^2`` from the statistics alone.
+
+    ``weight`` ``[D, |S|]``, ``bias`` ``[D]`` or None."""
+    m = stats.A.shape[0] - 1
+    idx = _rows(keep, m)
+    weight = weight.detach()
+    bias = bias.detach() if bias is not None else None
+    wa = torch.cat([weight.double().T, (bias.double() if bias is not None else torch.zeros(weight.shape[0],
+                    dtype=torch.float64)).unsqueeze(0)], 0)  # [|S|+1, D]
+    a = stats.A[idx][:, idx]
+    c = stats.C[idx]
+    err = float((wa * (a @ wa)).sum() - 2 * (wa * c).sum() + stats.tt)
+    return max(err, 0.0) / max(stats.tt, 1e-30)
+
+
+def refit(stats: LinearStats, keep: Sequence[int], ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ridge least-squares weights for the kept inputs.
+
+    Returns:
+        ``weight`` ``[D, |S|]`` and ``bias`` ``[D]`` (float32) minimising
+        ``||X_S W^T + b - T||^2 + lambda ||W||^2``.
+    """
+    m = stats.A.shape[0] - 1
+    idx = _rows(keep, m)
+    a = stats.A[idx][:, idx].clone()
+    c = stats.C[idx]
+    lam = ridge * float(a.diagonal()[:-1].mean()) if len(idx) > 1 else 0.0
+    reg = torch.full((len(idx),), lam, dtype=torch.float64)
+    reg[-1] = 0.0
+    a += torch.diag(reg)
+    sol = torch.linalg.solve(a, c)  # [|S|+1, D]
+    return sol[:-1].T.float().contiguous(), sol[-1].float().contiguous()
+
+
+def greedy_lsq_select(stats: LinearStats, groups: Sequence[Sequence[int]], keep_per_group: int,
+                      ridge: float = 1e-3) -> list[list[int]]:
+    """Choose the inputs to keep by greedy least-squares (Optimal-Brain-Surgeon style) removal.
+
+    Starting from the ridge refit on all inputs, repeatedly remove the input ``j`` whose removal,
+    with optimal re-fit of the others, increases the calibration error least:
+    ``delta_j = ||w_j||^2 / [A^-1]_jj`` (``w_j`` = row ``j`` of the refit ``[M+1, D]`` solution),
+    then downdate ``A^-1`` and the solution (rank-1; Hassibi & Stork 1993; the structured form of
+    Kwon et al. 2022's least-squares mask tuning). The bias row is never removed. Inputs are
+    removed round-robin over ``groups`` (e.g. heads) so every group keeps ``keep_per_group``.
+
+    Returns:
+        per group, the sorted kept indices.
+    """
+    m = stats.A.shape[0] - 1
+    a = stats.A.clone()
+    lam = ridge * float(a.diagonal()[:-1].mean())
+    a[range(m), range(m)] += lam
+    ainv = torch.linalg.inv(a)
+    w = ainv @ stats.C  # [M+1, D]
+    alive = torch.ones(m + 1, dtype=torch.bool)
+    kept = [list(g) for g in groups]
+    rounds = len(kept[0]) - keep_per_group
+    for _ in range(rounds):
+        for gi, g in enumerate(kept):
+            idx = torch.as_tensor(g)
+            d = ainv.diagonal()[idx].clamp_min(1e-30)
+            delta = (w[idx] ** 2).sum(1) / d
+            j = int(idx[int(torch.argmin(delta))])
+            # OBS update: remove j, compensate the others
+            col = ainv[:, j].clone()
+            w -= torch.outer(col / ainv[j, j], w[j])
+            ainv -= torch.outer(col, col) / ainv[j, j]
+            ainv[j, :] = 0
+            ainv[:, j] = 0
+            w[j] = 0
+            alive[j] = False
+            g.remove(j)
+    return [sorted(g) for g in kept]

@@ -1,0 +1,232 @@
+"""SNP: structured neuron-level pruning (Shim et al., ECCV 2024; ALGORITHMS.md §2) as a graph pass,
+with zero-shot least-squares recovery instead of 300 epochs of fine-tuning.
+
+``snp:preset=deit-s`` (released kept widths, §2c), ``snp:ratio=0.2`` (uniform fraction of
+q-k pairs, value neurons and fc1 neurons removed in every block), per-layer ``qk=``, ``v=``,
+``fc1=`` lists, or ``target_gmacs=`` (uniform ratio found by bisection on the analytic MAC
+count). ``embed=`` removes residual-stream channels (timm models).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch.fx import GraphModule
+
+from ..calibration import load_calibration_images
+from ..errors import InvalidPassConfigError, UnsupportedModelError
+from ..ir.match import find_attention_sites
+from ..ir.sites import AttentionSite
+from .base import Pass, PassContext, register_pass
+from .snp_engine import BlockPlan, EngineOptions, prune_blocks
+from .snp_presets import PRESETS, preset_name
+from .snp_surgery import finalize, value_head_dim
+
+CRITERIA = ("snp", "activation", "lsq")
+
+
+def kept(n: int, ratio: float, round_to: int = 1) -> int:
+    """Kept count ``n - round(n * ratio)``, optionally rounded to a multiple of ``round_to``
+    (at least ``round_to``, at most ``n``)."""
+    k = n - int(round(n * ratio))
+    if round_to > 1 and k > 0:
+        k = min(n, max(round_to, int(round(k / round_to)) * round_to))
+    return k
+
+
+def block_macs(tokens: int, dim: int, heads: int, qk: int, v: int, mlp: int) -> float:
+    """MACs of one block: q/k/v projections ``N·D·H·(2 d_qk + d_v)``, logits ``N²·H·d_qk``,
+    probs@v ``N²·H·d_v``, proj ``N·H·d_v·D``, MLP ``2·N·D·M``."""
+    n = tokens
+    return n * dim * heads * (2 * qk + v) + n * n * heads * (qk + v) + n * heads * v * dim + 2 * n * dim * mlp
+
+
+def _check_ratio(name: str, value, allow_list: bool = True) -> None:
+    vals = value if isinstance(value, (list, tuple)) else [value]
+    for i, r in enumerate(vals):
+        if not isinstance(r, (int, float)) or not (0.0 <= float(r) < 1.0):
+            where = f"{name}[{i}]" if isinstance(value, (list, tuple)) else name
+            raise InvalidPassConfigError(f"snp: {where}={r!r} is outside [0, 1) (fraction of neurons removed)")
+
+
+@register_pass("snp")
+@dataclass
+class SNP(Pass):
+    """Structured neuron-level pruning with zero-shot recovery.
+
+    Args:
+        preset: ``deit-t``, ``deit-s``, ``deit-s-small``, ``deit-b`` (released widths, §2c).
+        ratio: uniform fraction removed of q-k pairs, value neurons and fc1 neurons, in [0, 1).
+        qk, v, fc1: per-block fractions removed (override ``ratio``), each in [0, 1).
+        embed: fraction of residual-stream channels removed (timm models only).
+        target_gmacs: choose the uniform ``ratio`` so the model has at most this many GMACs.
+        criterion: ``snp`` (§2b: q-k pair score, 1-|cos| redundancy of v/fc1 weight rows) or
+            ``activation`` (q-k pair score, ``||a_j||·||W_next[:, j]||`` for v/fc1) or ``lsq``
+            (q-k pair score; v/fc1 chosen by greedy least-squares removal, see
+            :func:`vitprune.ops.lstsq.greedy_lsq_select`).
+        mix: relative weights of the (q-k, v, fc1) ratios when ``ratio``/``target_gmacs`` sets them
+            (ratio of part p = ratio · mix[p], capped at 0.95); ``0;1;1`` prunes only what the
+            least-squares recovery can compensate (v, fc1).
+        compensate: refit proj/fc2 by ridge least squares on calibration activations.
+        sequential: feed each block the already pruned model's activations.
+        calib: image folder for calibration (else ``compile(calibration=...)``).
+        calib_images: number of calibration images (default 64).
+        round_to: round kept widths to multiples of this (8 for GPUs, §2g pitfall 6).
+        ridge: relative ridge strength of the refit.
+
+    Raises:
+        InvalidPassConfigError: ratio outside [0, 1), a ratio leaving 0 neurons in a head,
+            unknown criterion/preset, a preset for another architecture, no calibration data.
+        UnsupportedModelError: attention without separable q/k/v.
+    """
+
+    preset: Optional[str] = None
+    ratio: Optional[float] = None
+    qk: Optional[list[float]] = None
+    v: Optional[list[float]] = None
+    fc1: Optional[list[float]] = None
+    embed: float = 0.0
+    target_gmacs: Optional[float] = None
+    criterion: str = "snp"
+    compensate: bool = True
+    sequential: bool = True
+    calib: Optional[str] = None
+    calib_images: int = 64
+    round_to: int = 1
+    ridge: float = 1e-3
+    batch_size: int = 16
+    mix: Optional[list[float]] = None
+
+    def validate(self) -> None:
+        if self.preset is not None and preset_name(self.preset) not in PRESETS:
+            raise InvalidPassConfigError(
+                f"snp: unknown preset '{self.preset}'; available: {', '.join(sorted(PRESETS))}")
+        if self.criterion not in CRITERIA:
+            raise InvalidPassConfigError(f"snp: criterion='{self.criterion}' is not one of {', '.join(CRITERIA)}")
+        for name in ("ratio", "qk", "v", "fc1", "embed"):
+            val = getattr(self, name)
+            if val is not None:
+                _check_ratio(name, val)
+        if self.target_gmacs is not None and not (self.target_gmacs > 0):
+            raise InvalidPassConfigError(f"snp: target_gmacs={self.target_gmacs} must be > 0")
+        if self.calib_images < 1:
+            raise InvalidPassConfigError(f"snp: calib_images={self.calib_images} must be >= 1")
+        if self.round_to < 1:
+            raise InvalidPassConfigError(f"snp: round_to={self.round_to} must be >= 1")
+        if self.mix is not None and (len(self.mix) != 3 or any(w < 0 for w in self.mix)):
+            raise InvalidPassConfigError(f"snp: mix={self.mix} must be 3 non-negative weights for q-k, v, fc1")
+        if self.ridge < 0:
+            raise InvalidPassConfigError(f"snp: ridge={self.ridge} must be >= 0")
+        given = [n for n in ("preset", "ratio", "target_gmacs") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise InvalidPassConfigError(f"snp: give only one of preset, ratio, target_gmacs (got {', '.join(given)})")
+
+    # ------------------------------------------------------------------ planning
+    def plans(self, sites: list[AttentionSite], rest_gmacs: float = 0.0) -> tuple[list[BlockPlan], Optional[int]]:
+        """Kept widths per block and the kept embedding width (None = unchanged).
+
+        ``rest_gmacs``: GMACs outside the blocks (patch embedding, head), for ``target_gmacs``.
+        """
+        if self.preset is not None:
+            return self._preset_plans(sites)
+        depth = len(sites)
+        if self.target_gmacs is not None:
+            lo, hi = 0.0, 0.99
+            for _ in range(40):
+                mid = (lo + hi) / 2
+                g = rest_gmacs + sum(_plan_macs(s, p) for s, p in zip(sites, self._ratio_plans(sites, mid))) / 1e9
+                lo, hi = (mid, hi) if g > self.target_gmacs else (lo, mid)
+            return self._ratio_plans(sites, hi), None
+        return self._ratio_plans(sites, self.ratio or 0.0), self._embed_keep(sites)
+
+    def _embed_keep(self, sites):
+        if not self.embed:
+            return None
+        return kept(sites[0].embed_dim, self.embed, self.round_to)
+
+    def _ratio_plans(self, sites, uniform: float) -> list[BlockPlan]:
+        depth = len(sites)
+        out = []
+        for name in ("qk", "v", "fc1"):
+            lst = getattr(self, name)
+            if lst is not None and len(lst) not in (1, depth):
+                raise InvalidPassConfigError(f"snp: {name} has {len(lst)} ratios; the model has {depth} blocks")
+        for i, s in enumerate(sites):
+            def r(name):
+                lst = getattr(self, name)
+                if lst is not None:
+                    return float(lst[0] if len(lst) == 1 else lst[i])
+                w = 1.0 if self.mix is None else float(self.mix[("qk", "v", "fc1").index(name)])
+                return min(0.95, uniform * w)
+            d, dv = s.head_dim, value_head_dim(s)
+            qk, v = kept(d, r("qk"), self.round_to), kept(dv, r("v"), self.round_to)
+            for what, k, n, rr in (("q-k", qk, d, r("qk")), ("v", v, dv, r("v"))):
+                if k < 1:
+                    raise InvalidPassConfigError(
+                        f"snp: block {i} ({s.block_path}) {what} ratio {rr} leaves 0 of {n} neurons per head")
+            m = s.fc1.out_features if s.fc1 is not None else None
+            mk = kept(m, r("fc1"), self.round_to) if m is not None else None
+            if mk is not None and mk < 1:
+                raise InvalidPassConfigError(f"snp: block {i} ({s.block_path}) fc1 ratio {r('fc1')} leaves 0 of {m} neurons")
+            out.append(BlockPlan(heads=s.num_heads, qk=qk, v=v, mlp=mk))
+        return out
+
+    def _preset_plans(self, sites):
+        key = preset_name(self.preset)
+        p = PRESETS[key]
+        a = p["arch"]
+        s0 = sites[0]
+        found = dict(depth=len(sites), embed_dim=s0.embed_dim, num_heads=s0.num_heads, head_dim=s0.head_dim,
+                     mlp=s0.fc1.out_features if s0.fc1 is not None else None)
+        if found != a:
+            diff = ", ".join(f"{k}={found[k]} (preset {a[k]})" for k in a if found[k] != a[k])
+            raise InvalidPassConfigError(f"snp: preset '{key}' is for another architecture: model has {diff}")
+        r = self.round_to
+        rnd = (lambda k, n: k) if r <= 1 else (lambda k, n: min(n, max(r, int(round(k / r)) * r)))
+        plans = [BlockPlan(heads=s.num_heads, qk=rnd(p["qk"][i], s.head_dim), v=rnd(p["v"][i], s.head_dim),
+                           mlp=rnd(p["mlp"][i], a["mlp"])) for i, s in enumerate(sites)]
+        return plans, rnd(p["embed"], a["embed_dim"])
+
+    # ------------------------------------------------------------------ running
+    def calibration_images(self, ctx: PassContext) -> torch.Tensor:
+        """``[n, 3, H, W]``: ``ctx.calibration`` (first ``calib_images``) or images from ``calib``."""
+        if ctx.calibration is not None:
+            return ctx.calibration[: self.calib_images]
+        if self.calib is None:
+            raise InvalidPassConfigError(
+                f"{self.name}: needs calibration images: pass calib=DIR or compile(..., calibration=tensor)")
+        size = int(ctx.example_inputs[0].shape[-1])
+        return load_calibration_images(self.calib, self.calib_images, image_size=size)
+
+    def engine_options(self, ctx: PassContext) -> EngineOptions:
+        return EngineOptions(criterion=self.criterion, compensate=self.compensate, sequential=self.sequential,
+                             ridge=self.ridge, batch_size=self.batch_size, progress=ctx.progress)
+
+    def __call__(self, gm: GraphModule, ctx: PassContext) -> GraphModule:
+        sites = find_attention_sites(gm)
+        rest = 0.0
+        if self.target_gmacs is not None:
+            from ..eval.flops import gmacs
+
+            total = gmacs(gm, tuple(ctx.example_inputs[0].shape[1:]))
+            rest = total - sum(_plan_macs(s, BlockPlan(s.num_heads, s.head_dim, value_head_dim(s),
+                                                       s.fc1.out_features if s.fc1 else 0)) for s in sites) / 1e9
+        plans, embed_keep = self.plans(sites, rest)
+        calib = self.calibration_images(ctx)
+        work, records = prune_blocks(gm, calib, plans, self.engine_options(ctx))
+        out = finalize(work, ctx.example_inputs)
+        embed_info = None
+        if embed_keep is not None and embed_keep != sites[0].embed_dim:
+            from .snp_embed import prune_embedding
+
+            embed_info = prune_embedding(out, embed_keep)
+            out = finalize(out, ctx.example_inputs)
+        ctx.record(blocks=records, embed=embed_info, calibration_images=int(calib.shape[0]))
+        return out
+
+
+def _plan_macs(s: AttentionSite, p: BlockPlan) -> float:
+    return block_macs(s.num_tokens, s.embed_dim, p.heads, p.qk, p.v, p.mlp or 0)

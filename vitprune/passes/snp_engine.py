@@ -1,0 +1,267 @@
+"""Block-by-block neuron pruning with calibration statistics and least-squares recovery.
+
+Shared by the ``snp`` and ``head-prune`` passes. For every block in order (ALGORITHMS.md §2b
+pseudocode, extended with the zero-shot recovery of issue 4 item 5):
+
+1. run the graph being pruned (blocks before this one already pruned: *sequential*
+   reconstruction) and the original graph on the calibration images, batch by batch,
+   accumulating q-k pair scores and the Gram statistics of the projection input;
+2. choose kept heads, q-k pairs and value neurons; refit ``proj`` by ridge least squares so that
+   the block's residual stream after attention matches the ORIGINAL model's
+   (target ``T = attn_residual_orig - block_input_pruned``, which also absorbs the error
+   accumulated upstream); rebuild the attention with smaller dense q/k/v;
+3. the same for the MLP: choose fc1 neurons, refit ``fc2`` against
+   ``mlp_residual_orig - attn_residual_pruned``.
+
+Only statistics are kept (``[M+1, M+1]`` Grams, ``[H, d]`` score sums): memory does not
+grow with the number of calibration images.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+from ..calibration import grab, iter_batches
+from ..ir.match import VIEW_OPS, find_attention_sites
+from ..ir.sites import AttentionSite
+from ..ops.lstsq import LinearStats, greedy_lsq_select, reconstruction_error, refit
+from ..ops.snp_scores import activation_scores, qk_pair_scores, redundancy_scores, top_indices
+from .snp_surgery import prune_attention, prune_mlp, qkv_head_weights, value_head_dim
+
+aten = torch.ops.aten
+
+
+@dataclass
+class BlockPlan:
+    """Kept widths of one block: heads (count), q/k per head, v per head, MLP hidden."""
+
+    heads: int
+    qk: int
+    v: int
+    mlp: Optional[int]
+
+
+@dataclass
+class EngineOptions:
+    criterion: str = "snp"  # "snp" | "activation"
+    compensate: bool = True
+    sequential: bool = True
+    ridge: float = 1e-3
+    gamma_energy: float = 0.9
+    gamma_cap: int = 16
+    batch_size: int = 16
+    progress: bool = False
+    head_criterion: str = "qk"  # head scores: mean q-k pair score
+
+
+def _direct_residual(site: AttentionSite, lin: Node, res: Node) -> bool:
+    """True if ``lin``'s output reaches the residual add ``res`` only through views/dropout."""
+    cur = lin
+    for _ in range(8):
+        users = list(cur.users)
+        if len(users) != 1:
+            return False
+        cur = users[0]
+        if cur is res:
+            return True
+        if cur.target not in VIEW_OPS:
+            return False
+    return False
+
+
+class _Stream:
+    """Per calibration batch, the residual stream entering the current block, for the original
+    graph and the graph being pruned (one layer's activations: bounded by the calibration set
+    itself, never one tensor per layer)."""
+
+    def __init__(self, gm, work, calibration, batch_size, sequential):
+        self.gm, self.work, self.sequential = gm, work, sequential
+        self.batches = [calibration[i:i + batch_size] for i in range(0, calibration.shape[0], batch_size)]
+        self.node_o = self.node_w = None
+        self.h_o = [None] * len(self.batches)
+        self.h_w = [None] * len(self.batches)
+
+    def _given(self, node, h, i):
+        return {node: h[i]} if node is not None and h[i] is not None else {}
+
+    def orig(self, i, nodes):
+        return grab(self.gm, self.batches[i], nodes, self._given(self.node_o, self.h_o, i))
+
+    def pruned(self, i, nodes):
+        if not self.sequential:
+            raise RuntimeError("pruned activations are not used in non-sequential mode")
+        return grab(self.work, self.batches[i], nodes, self._given(self.node_w, self.h_w, i))
+
+    def advance(self, node_o, node_w):
+        """Move both streams to the inputs of the next block."""
+        for i in range(len(self.batches)):
+            ho = self.orig(i, [node_o])[node_o]
+            hw = self.pruned(i, [node_w])[node_w] if self.sequential else None
+            self.h_o[i], self.h_w[i] = ho, hw
+        self.node_o, self.node_w = node_o, node_w
+
+
+def prune_blocks(gm: GraphModule, calibration: torch.Tensor, plans: list[BlockPlan], opts: EngineOptions,
+                 on_block: Optional[Callable[[int], None]] = None) -> tuple[GraphModule, list[dict]]:
+    """Prune every block of a copy of ``gm`` to ``plans`` (one per attention site).
+
+    Args:
+        gm: captured graph (not modified).
+        calibration: ``[n, 3, H, W]`` images.
+        plans: kept widths per block (``mlp=None`` keeps the MLP).
+        opts: criterion, recovery and numerics.
+
+    Returns:
+        the pruned graph (cleaned, NOT re-exported: call ``finalize``) and per-block records with
+        kept widths and calibration reconstruction errors (relative, before and after refit).
+    """
+    work = copy.deepcopy(gm)
+    sites_o = find_attention_sites(gm)
+    sites_w = find_attention_sites(work)
+    stream = _Stream(gm, work, calibration, opts.batch_size, opts.sequential)
+    records = []
+    blocks = range(len(plans))
+    if opts.progress:
+        from tqdm import tqdm
+
+        blocks = tqdm(blocks, desc="snp blocks", leave=False)
+    for li in blocks:
+        so, sw, plan = sites_o[li], sites_w[li], plans[li]
+        rec = {"block": li}
+        H, d, dv = sw.num_heads, sw.head_dim, value_head_dim(sw)
+        m = sw.fc1.out_features if sw.fc1 is not None else None
+        attn = (plan.heads, plan.qk, plan.v) != (H, d, dv)
+        mlp = plan.mlp is not None and m is not None and plan.mlp != m
+        if (attn or mlp) and stream.node_o is None:
+            stream.advance(so.block_input, sw.block_input)
+        if attn:
+            rec.update(_prune_attention_block(stream, so, sw, plan, opts))
+            work.graph.eliminate_dead_code()
+            work.recompile()
+        if mlp:
+            rec.update(_prune_mlp_block(stream, so, sw, plan, opts))
+            work.graph.eliminate_dead_code()
+            work.recompile()
+        rec.update(heads=plan.heads, qk=plan.qk, v=plan.v, mlp=plan.mlp if plan.mlp is not None else m)
+        records.append(rec)
+        later = [i for i in range(li + 1, len(plans)) if _changes(sites_w[i], plans[i])]
+        if later and stream.node_o is not None:
+            stream.advance(sites_o[li + 1].block_input, sites_w[li + 1].block_input)
+        if on_block:
+            on_block(li)
+    return work, records
+
+
+def _changes(s: AttentionSite, plan: BlockPlan) -> bool:
+    m = s.fc1.out_features if s.fc1 is not None else None
+    return (plan.heads, plan.qk, plan.v) != (s.num_heads, s.head_dim, value_head_dim(s)) or (
+        plan.mlp is not None and m is not None and plan.mlp != m)
+
+
+def _last_before(lin: Node, res: Node) -> Node:
+    cur = lin
+    while True:
+        nxt = next(iter(cur.users))
+        if nxt is res:
+            return cur
+        cur = nxt
+
+
+def _skip(site: AttentionSite, lin: Node, res: Optional[Node]) -> Optional[Node]:
+    """The other operand of the residual add after ``lin`` (None if a layer scale sits between)."""
+    if res is None or not _direct_residual(site, lin, res):
+        return None
+    last = _last_before(lin, res)
+    return [a for a in res.args if a is not last][0]
+
+
+def _targets(stream, i, so, sw, lin_o, lin_w, res_o, res_w, x_w, x_o, extra_w=(), extra_o=()):
+    """Input ``x`` of the linear (pruned model if sequential) and its refit target ``t``:
+    original residual stream minus the pruned model's skip input (sequential, no layer scale),
+    else the original linear's output."""
+    skip_w, skip_o = _skip(sw, lin_w, res_w), _skip(so, lin_o, res_o)
+    if stream.sequential:
+        vo = stream.orig(i, [res_o if skip_w is not None else lin_o, *extra_o])
+        vw = stream.pruned(i, [x_w] + ([skip_w] if skip_w is not None else []) + list(extra_w))
+        t = vo[res_o] - vw[skip_w] if skip_w is not None else vo[lin_o]
+        return vw[x_w], t, vw, vo
+    vo = stream.orig(i, [x_o, lin_o, *extra_o])
+    return vo[x_o], vo[lin_o], {}, vo
+
+
+def _prune_attention_block(stream, so, sw, plan, opts) -> dict:
+    work = stream.work
+    H, d, dv = sw.num_heads, sw.head_dim, value_head_dim(sw)
+    pair_sum = torch.zeros(H, d, dtype=torch.float64)
+    stats = LinearStats.zeros(H * dv, sw.proj.out_features)
+    need_qk = plan.qk < d or plan.heads < H
+    for i in range(len(stream.batches)):
+        x, t, vw, vo = _targets(stream, i, so, sw, so.proj.node, sw.proj.node, so.attn_residual, sw.attn_residual,
+                                sw.proj.node.args[0], so.proj.node.args[0],
+                                extra_w=[sw.q, sw.k] if need_qk and stream.sequential else (),
+                                extra_o=[so.q, so.k] if need_qk and not stream.sequential else ())
+        if need_qk:
+            q, k = (vw[sw.q], vw[sw.k]) if stream.sequential else (vo[so.q], vo[so.k])
+            pair_sum += qk_pair_scores(q, k, opts.gamma_energy, opts.gamma_cap).sum(0)
+        stats.add(x, t)
+    # --- choose heads, q-k pairs, value neurons
+    hs = pair_sum.mean(-1)
+    heads = top_indices(hs, plan.heads) if plan.heads < H else list(range(H))
+    qk_keep = [top_indices(pair_sum[h], plan.qk) for h in heads]
+    w_proj = sw.proj.weight_tensor(work).detach()
+    if opts.criterion == "lsq":
+        sel = greedy_lsq_select(stats, [list(range(h * dv, (h + 1) * dv)) for h in heads], plan.v, opts.ridge)
+        v_keep = [[c - h * dv for c in g] for h, g in zip(heads, sel)]
+    else:
+        if opts.criterion == "activation":
+            vs = activation_scores(stats.gram_diag, w_proj).reshape(H, dv)
+        else:
+            vs = redundancy_scores(qkv_head_weights(work, sw)[2][0])
+        v_keep = [top_indices(vs[h], plan.v) for h in heads]
+    cols = [h * dv + i for h, keep in zip(heads, v_keep) for i in keep]
+    b_proj = sw.proj.bias_tensor(work)
+    err_sliced = reconstruction_error(stats, cols, w_proj[:, cols], b_proj)
+    w_new = b_new = None
+    err = err_sliced
+    if opts.compensate:
+        w_fit, b_fit = refit(stats, cols, opts.ridge)
+        err_fit = reconstruction_error(stats, cols, w_fit, b_fit)
+        if err_fit <= err_sliced:  # recovery never increases the calibration error
+            w_new, b_new, err = w_fit, b_fit, err_fit
+    prune_attention(work, sw, heads, qk_keep, v_keep, w_new, b_new)
+    return {"kept_heads": heads, "attn_err_sliced": err_sliced, "attn_err": err}
+
+
+def _prune_mlp_block(stream, so, sw, plan, opts) -> dict:
+    work = stream.work
+    m = sw.fc1.out_features
+    stats = LinearStats.zeros(m, sw.fc2.out_features)
+    for i in range(len(stream.batches)):
+        x, t, _, _ = _targets(stream, i, so, sw, so.fc2.node, sw.fc2.node, so.mlp_residual, sw.mlp_residual,
+                              sw.fc2.node.args[0], so.fc2.node.args[0])
+        stats.add(x, t)
+    w2 = sw.fc2.weight_tensor(work).detach()
+    b2 = sw.fc2.bias_tensor(work)
+    if opts.criterion == "lsq":
+        keep = greedy_lsq_select(stats, [list(range(m))], plan.mlp, opts.ridge)[0]
+    else:
+        if opts.criterion == "activation":
+            sc = activation_scores(stats.gram_diag, w2)
+        else:
+            sc = redundancy_scores(sw.fc1.weight_tensor(work).detach()[None])[0]
+        keep = top_indices(sc, plan.mlp)
+    err_sliced = reconstruction_error(stats, keep, w2[:, keep], b2)
+    w_new = b_new = None
+    err = err_sliced
+    if opts.compensate:
+        w_fit, b_fit = refit(stats, keep, opts.ridge)
+        err_fit = reconstruction_error(stats, keep, w_fit, b_fit)
+        if err_fit <= err_sliced:
+            w_new, b_new, err = w_fit, b_fit, err_fit
+    prune_mlp(work, sw, keep, w_new, b_new)
+    return {"mlp_err_sliced": err_sliced, "mlp_err": err}
