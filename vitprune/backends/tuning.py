@@ -47,15 +47,19 @@ def prepare_for_tuning(mod, target):
 
 
 def cache_key(tuned_mod, target) -> str:
-    """sha256 (first 16 hex digits) of target JSON + structural hash of the module to tune."""
-    import tvm
+    """sha256 (first 16 hex digits) of the target JSON and the workload: the structural hashes of the
+    tuning tasks' PrimFuncs (shapes and ops, not weight values, so a re-trained or re-pruned model with
+    the same shapes hits the same cache)."""
     import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
 
     from .targets import target_json
 
+    tasks = ms.relax_integration.extract_tasks(tuned_mod, target)
+    hashes = sorted(str(tvm_ffi.structural_hash(t.dispatched[0])) for t in tasks)
     h = hashlib.sha256()
     h.update(target_json(target).encode())
-    h.update(str(tvm_ffi.structural_hash(tuned_mod)).encode())
+    h.update(",".join(hashes).encode())
     return h.hexdigest()[:16]
 
 

@@ -138,7 +138,7 @@ def build(mod, target, tuning_dir: Optional[str] = None):
 def cuda_source(ex) -> str:
     """The generated CUDA C of a CUDA executable (tree: VMExecutable -> llvm host -> cuda), or ''."""
     def walk(m):
-        if m.type_key == "cuda":
+        if m.kind == "cuda":
             return m.inspect_source("")
         for sub in m.imports:
             s = walk(sub)
@@ -220,7 +220,7 @@ class TvmModule(_VmRunner):
         self._why_not = _host_can_run(self.family)
         self.vm, self.device = (None, None) if self._why_not else _make_vm(executable, self.family)
 
-    def export(self, path: str, manifest: dict) -> str:
+    def export(self, path: str, manifest: Optional[dict] = None) -> str:
         """Write ``path`` (shared library, weights embedded), ``path.json`` (manifest) and, for CUDA,
         ``path.cu`` (generated CUDA source). ARM uses the ``aarch64-linux-gnu-g++`` cross compiler.
 
@@ -232,7 +232,7 @@ class TvmModule(_VmRunner):
         kwargs = {}
         if self.family == "arm":
             kwargs["fcompile"] = cc.cross_compiler(find_cross_compiler(ARM_CROSS_CXX))
-        man = dict(manifest, backend="tvm", target=json.loads(target_json(self.target)), target_family=self.family,
+        man = dict(manifest or {"format": "vitprune"}, backend="tvm", target=json.loads(target_json(self.target)), target_family=self.family,
                    input_shape=list(self.input_shape), fast_math=self.fast_math,
                    tuned=bool(self.tuning), tuning_dir=getattr(self.tuning, "work_dir", None))
         files = {path + MANIFEST_SUFFIX: json.dumps(man, indent=1, default=str)}
