@@ -1,0 +1,150 @@
+"""The ``vitprune`` command line.
+
+    vitprune info --model NAME
+    vitprune eval --model NAME [--weights FILE.safetensors] --data DIR [--pass SPEC]...
+                  [--backend B] [--batch-size N] [--threads T] [--limit N] [--json OUT]
+
+``SPEC`` is ``name[:key=value[,key=value]]``; repeated ``--pass`` options run in order.
+Errors print one line ``vitprune: error: ...`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Optional
+
+import torch
+
+COMMANDS: dict[str, tuple[Callable, Callable]] = {}
+
+
+def command(name: str, configure: Callable[[argparse.ArgumentParser], None]):
+    """Register a subcommand: ``configure(parser)`` adds its options, the function runs it."""
+
+    def deco(fn):
+        COMMANDS[name] = (configure, fn)
+        return fn
+
+    return deco
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="timm model name, e.g. deit_tiny_patch16_224")
+    p.add_argument("--weights", help="safetensors state dict for the model (default: random weights)")
+
+
+def add_pass_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pass", dest="passes", action="append", default=[], metavar="SPEC",
+                   help="pass spec name[:key=value,...]; repeat to run several in order")
+
+
+def _info_args(p):
+    add_model_args(p)
+    add_pass_args(p)
+
+
+@command("info", _info_args)
+def cmd_info(args) -> int:
+    """List the attention sites found in the model (after the given passes)."""
+    from . import compile as vp_compile
+    from .ir import find_attention_sites
+    from .models import load_model
+
+    model = load_model(args.model, args.weights)
+    compiled = vp_compile(model, passes=args.passes, progress=False)
+    sites = find_attention_sites(compiled.graph_module)
+    print(f"{args.model}: {len(sites)} attention sites, {compiled.report.gmacs_after:.3f} GMACs")
+    cols = ["block", "path", "qkv", "kind", "heads", "head_dim", "tokens", "prefix_tokens", "embed_dim", "mlp_hidden"]
+    rows = [s.summary() for s in sites]
+    print(format_table(cols, [[r[c] for c in cols] for r in rows]))
+    return 0
+
+
+def _eval_args(p):
+    add_model_args(p)
+    p.add_argument("--data", required=True, help="folder of <synset>_*.JPEG images with synsets.txt")
+    add_pass_args(p)
+    p.add_argument("--backend", default="torch", help="torch (default), onnx or tvm")
+    p.add_argument("--target", help="backend target (tvm: cpu, cuda, arm)")
+    p.add_argument("--batch-size", type=int, default=50, help="evaluation and throughput batch size")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
+    p.add_argument("--limit", type=int, help="use only the first N images")
+    p.add_argument("--crop-pct", type=float, help="eval center-crop ratio (default: the paper's, DeiT 0.875)")
+    p.add_argument("--calib", help="calibration image folder for passes that need data")
+    p.add_argument("--calib-images", type=int, default=64, help="calibration images to use")
+    p.add_argument("--json", help="write the numbers as JSON to this file")
+    p.add_argument("--no-progress", action="store_true")
+
+
+@command("eval", _eval_args)
+def cmd_eval(args) -> int:
+    """Top-1, agreement with the unpruned model, GMACs and throughput on a folder of real images."""
+    from . import compile as vp_compile
+    from .eval import ImageFolder, evaluate, make_loader, throughput
+    from .eval.data import load_images
+    from .models import eval_transform, load_model
+
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model, args.weights)
+    transform = eval_transform(model, args.crop_pct)
+    dataset = ImageFolder(args.data, transform, limit=args.limit)
+    calibration = load_images(args.calib, transform, args.calib_images) if args.calib else None
+    options = {"target": args.target} if args.target else {}
+    compiled = vp_compile(model, passes=args.passes, backend=args.backend, calibration=calibration,
+                          progress=not args.no_progress, **options)
+    reference = model if args.passes or args.backend != "torch" else None
+    res = evaluate(compiled, make_loader(dataset, args.batch_size), reference=reference, progress=not args.no_progress)
+    if reference is None:  # identity pipeline on torch: the reference is the model itself
+        res["top1_agreement"], res["top1_reference"] = 100.0, res["top1"]
+    img_s = throughput(compiled, batch_size=args.batch_size, threads=args.threads, repeats=3)
+    out = {
+        "model": args.model, "passes": args.passes, "backend": args.backend,
+        "top1": res["top1"], "top1_agreement": res["top1_agreement"], "top1_reference": res["top1_reference"],
+        "correct": res["correct"], "images": res["images"], "skipped": res["skipped"],
+        "gmacs": compiled.report.gmacs_after, "gmacs_base": compiled.report.gmacs_before,
+        "throughput_img_s": img_s, "batch_size": args.batch_size, "threads": args.threads,
+        "report": compiled.report.to_dict(),
+    }
+    cols = ["model", "passes", "backend", "top-1 %", "agreement %", "GMACs", "img/s"]
+    print(format_table(cols, [[args.model, " ".join(args.passes) or "-", args.backend,
+                               f"{out['top1']:.1f} ({out['correct']}/{out['images']})",
+                               f"{out['top1_agreement']:.1f}", f"{out['gmacs']:.3f}", f"{img_s:.1f}"]]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2, default=str)
+    return 0
+
+
+def format_table(cols: list, rows: list) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitprune", description="Make pre-trained ViTs faster without fine-tuning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (configure, fn) in COMMANDS.items():
+        p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0])
+        configure(p)
+        p.set_defaults(func=fn)
+    return parser
+
+
+def main(argv: Optional[list] = None) -> int:
+    """Entry point of the ``vitprune`` command; returns the exit status."""
+    from .errors import VitpruneError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (VitpruneError, FileNotFoundError, ValueError) as exc:
+        print(f"vitprune: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
