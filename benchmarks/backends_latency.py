@@ -33,6 +33,7 @@ def main() -> int:
     ap.add_argument("--tune-batch", type=int, default=1)
     ap.add_argument("--trials", type=int, default=None, help="MetaSchedule trials per task (default: the package's)")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--variants", nargs="+", default=["unpruned", "pruned"], choices=["unpruned", "pruned"])
     ap.add_argument("--skip", nargs="*", default=[], help="rows to skip: eager compile onnx tvm tvm-tuned")
     args = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
@@ -60,16 +61,18 @@ def main() -> int:
 
     rows = []
     for vname, passes in variants.items():
+        if vname not in args.variants:
+            continue
         for b in args.batches:
             x = torch.randn(b, 3, 224, 224)
             results = {}
             builds = [("torch eager", "eager", dict(backend="torch")),
                       ("torch.compile", "compile", dict(backend="torch", mode="compile")),
                       ("onnxruntime", "onnx", dict(backend="onnx", threads=args.threads)),
-                      ("TVM untuned", "tvm", dict(backend="tvm", use_cache=False, progress=True))]
+                      ("TVM untuned", "tvm", dict(backend="tvm", use_cache=False))]
             tune_now = vname in args.tune and b == args.tune_batch
             builds.append(("TVM tuned", "tvm-tuned",
-                           dict(backend="tvm", tune=tune_now, trials=args.trials, progress=True)))
+                           dict(backend="tvm", tune=tune_now, trials=args.trials)))
             for label, key, opts in builds:
                 if key in args.skip:
                     continue
