@@ -6,6 +6,9 @@
     vitprune viz --model NAME [--weights FILE] --image IMG --pass SPEC [--pass SPEC]... --out PNG
     vitprune search --model NAME [--weights FILE] --data DIR --target-gmacs G [--trials N]
                     [--images N] [--seed S] --out BEST.json
+    vitprune export --model NAME [--weights FILE] [--pass SPEC]... --backend onnx|tvm|torch
+                  [--target cpu|cuda|arm] [--arch sm_80] [--tune [--trials N]] --out PATH
+    vitprune tune --model NAME [--weights FILE] [--pass SPEC]... [--trials N] [--threads T]
 
 ``SPEC`` is ``name[:key=value[,key=value]]``; repeated ``--pass`` options run in order.
 Errors print one line ``vitprune: error: ...`` and exit with status 2.
@@ -94,7 +97,7 @@ def cmd_eval(args) -> int:
     transform = eval_transform(model, args.crop_pct)
     dataset = ImageFolder(args.data, transform, limit=args.limit)
     calibration = load_images(args.calib, transform, args.calib_images) if args.calib else None
-    options = {"target": args.target} if args.target else {}
+    options = _backend_options(args)
     compiled = vp_compile(model, passes=args.passes, backend=args.backend, calibration=calibration,
                           progress=not args.no_progress, **options)
     reference = model if args.passes or args.backend != "torch" else None
@@ -173,6 +176,92 @@ def cmd_search(args) -> int:
         json.dump(best, f, indent=2)
     print(f"best of {args.trials}: agreement {best['agreement']:.1f} % on {best['images']} images, "
           f"{best['gmacs']:.3f} GMACs -> {args.out}")
+    return 0
+
+
+def _backend_options(args) -> dict:
+    """Backend keyword options from --target/--arch/--threads/--tune/--trials."""
+    opts = {}
+    if args.backend == "tvm":
+        opts["target"] = args.target or "cpu"
+        if getattr(args, "arch", None):
+            opts["arch"] = args.arch
+        if getattr(args, "tune", False):
+            opts.update(tune=True, trials=args.trials)
+    elif args.backend == "onnx":
+        opts["threads"] = args.threads
+    elif args.target:
+        from .errors import BackendError
+
+        raise BackendError(f"--target applies to --backend tvm only, got --backend {args.backend}")
+    return opts
+
+
+def _export_args(p):
+    add_model_args(p)
+    add_pass_args(p)
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "tvm"])
+    p.add_argument("--target", help="tvm target: cpu (default), cuda, arm")
+    p.add_argument("--arch", help="CUDA arch for --target cuda, e.g. sm_80")
+    p.add_argument("--tune", action="store_true", help="tvm cpu: MetaSchedule-tune first (cached)")
+    p.add_argument("--trials", type=int, default=None, help="tuning trials per task")
+    p.add_argument("--batch-size", type=int, default=1, help="example batch (TVM builds for this batch)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
+    p.add_argument("--calib", help="calibration image folder for passes that need data")
+    p.add_argument("--calib-images", type=int, default=64)
+    p.add_argument("--out", required=True, help="artefact path: .pt2 (torch), .onnx, .so (tvm)")
+
+
+def _compile_from_args(args, check_parity=True):
+    import os
+
+    from . import compile as vp_compile
+    from .models import eval_transform, load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
+    model = load_model(args.model, args.weights)
+    calibration = None
+    if getattr(args, "calib", None):
+        from .eval.data import load_images
+
+        calibration = load_images(args.calib, eval_transform(model), args.calib_images)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    c, h, w = cfg.get("input_size", (3, 224, 224))
+    x = torch.randn(args.batch_size, c, h, w)
+    parity = check_parity and not (args.backend == "tvm" and (args.target or "cpu") != "cpu")
+    return vp_compile(model, passes=args.passes, backend=args.backend, example_inputs=x, calibration=calibration,
+                      check_parity=parity, **_backend_options(args))
+
+
+@command("export", _export_args)
+def cmd_export(args) -> int:
+    """Compile a model with passes for a backend/target and write a reloadable artefact."""
+    compiled = _compile_from_args(args)
+    path = compiled.export(args.out)
+    extra = [p for p in (path + ".json", path + ".cu") if args.backend == "tvm" and __import__("os").path.exists(p)]
+    print(f"wrote {path}" + (f" (+ {', '.join(extra)})" if extra else ""))
+    print(compiled.report)
+    return 0
+
+
+def _tune_args(p):
+    add_model_args(p)
+    add_pass_args(p)
+    p.add_argument("--trials", type=int, default=None, help="MetaSchedule trials per task (default: package's)")
+    p.add_argument("--batch-size", type=int, default=1, help="batch size to tune for")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads (TVM num-cores)")
+
+
+@command("tune", _tune_args)
+def cmd_tune(args) -> int:
+    """MetaSchedule-tune a (pruned) model for this CPU; cached under $VITPRUNE_CACHE (second run is free)."""
+    args.backend, args.target, args.tune = "tvm", "cpu", True
+    compiled = _compile_from_args(args)
+    tr = compiled.lowered.tuning
+    print(f"{'cache hit' if tr.cache_hit else f'tuned {tr.num_tasks} tasks, {tr.trials} trials'} in "
+          f"{tr.seconds:.1f} s; database: {tr.work_dir}")
     return 0
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 
 from ..errors import BackendError
+from .onnx import LoadedOnnx, OnnxBackend
 from .torch import LoadedPt2, TorchBackend
+from .tvm import LoadedTvm, TvmBackend
 
-BACKENDS = {"torch": TorchBackend}
+BACKENDS = {"torch": TorchBackend, "onnx": OnnxBackend, "tvm": TvmBackend}
 
 
 def get_backend(name: str):
@@ -21,11 +23,11 @@ def get_backend(name: str):
     return BACKENDS[name]()
 
 
-LOADERS = {".pt2": LoadedPt2}
+LOADERS = {".pt2": LoadedPt2, ".onnx": LoadedOnnx, ".so": LoadedTvm}
 
 
 def load(path: str):
-    """Load an exported artefact (``.pt2``; other backends add their suffixes) as a callable.
+    """Load an exported artefact (``.pt2``, ``.onnx``, ``.so`` TVM library) as a callable.
 
     The result maps ``[B, 3, H, W]`` float32 images to logits and needs no model code.
 

@@ -1,0 +1,160 @@
+"""ONNX backend: ``torch.onnx.export(dynamo=True)`` -> ``onnx.checker`` -> onnxruntime session.
+
+The batch dimension stays dynamic where the graph allows (it comes from
+``vitprune.ir.capture.export_program``). ``.export("m.onnx")`` writes the model with a vitprune
+manifest in the ONNX ``metadata_props`` (key ``vitprune_manifest``); :class:`LoadedOnnx` reads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import warnings
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch.fx import GraphModule
+
+from ..errors import BackendError
+from ..ir.capture import export_program
+
+MANIFEST_KEY = "vitprune_manifest"
+OPSET = 18
+
+
+def _atomic_path(path: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+
+
+def to_onnx_model(gm: GraphModule, example_inputs: tuple, dynamic_batch: bool = True, opset: int = OPSET):
+    """Export a GraphModule to an in-memory ``onnx.ModelProto`` (weights embedded, checked).
+
+    Input ``"images"`` ``[B, 3, H, W]`` float32, output ``"logits"`` ``[B, classes]``; ``B`` is
+    symbolic when ``dynamic_batch`` and the graph allows it.
+
+    Raises:
+        BackendError: the exporter or ``onnx.checker`` rejects the graph (names the cause).
+    """
+    import onnx
+
+    try:
+        ep = export_program(gm, example_inputs, dynamic_batch=dynamic_batch)
+    except Exception:
+        if not dynamic_batch:
+            raise
+        ep = export_program(gm, example_inputs, dynamic_batch=False)  # graph fixes the batch size
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            prog = torch.onnx.export(ep, (example_inputs[0],), dynamo=True, opset_version=opset,
+                                     input_names=["images"], output_names=["logits"], verbose=False,
+                                     optimize=True)
+        model = prog.model_proto
+        onnx.checker.check_model(model, full_check=False)
+    except Exception as exc:
+        raise BackendError(f"ONNX export failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+    return model
+
+
+def _session(model_bytes: bytes, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, sess_options=so, providers=["CPUExecutionProvider"])
+
+
+class _OrtRunner:
+    """Shared ``__call__``: torch tensor in, torch tensor out (float32)."""
+
+    session: Any
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        arr = np.ascontiguousarray(x.detach().cpu().numpy().astype(np.float32, copy=False))
+        try:
+            out = self.session.run(None, {self._input: arr})[0]
+        except Exception as exc:
+            raise BackendError(f"onnxruntime could not run input of shape {tuple(x.shape)}: "
+                               f"{str(exc).strip().splitlines()[0]}") from exc
+        return torch.from_numpy(out)
+
+    @property
+    def _input(self) -> str:
+        return self.session.get_inputs()[0].name
+
+
+class OnnxModule(_OrtRunner):
+    """A graph lowered to ONNX and run by onnxruntime on CPU with ``threads`` intra-op threads."""
+
+    def __init__(self, model, threads: int):
+        self.model = model
+        self.threads = threads
+        self.session = _session(model.SerializeToString(), threads)
+
+    def export(self, path: str, manifest: dict) -> str:
+        """Write ``path`` (``.onnx``) with ``manifest`` in ``metadata_props``; atomic."""
+        import onnx
+
+        m = onnx.ModelProto()
+        m.CopyFrom(self.model)
+        man = dict(manifest, onnx_opset=OPSET, threads=self.threads)
+        del m.metadata_props[:]
+        entry = m.metadata_props.add()
+        entry.key, entry.value = MANIFEST_KEY, json.dumps(man, default=str)
+        tmp = _atomic_path(path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(m.SerializeToString())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return path
+
+
+class LoadedOnnx(_OrtRunner):
+    """An ``.onnx`` file loaded with no model code: ``[B, 3, H, W]`` -> logits.
+
+    Raises:
+        BackendError: the file is not a valid ONNX model.
+    """
+
+    def __init__(self, path: str, threads: Optional[int] = None):
+        import onnx
+
+        try:
+            model = onnx.load(path)
+            onnx.checker.check_model(model)
+            if not model.graph.input:
+                raise ValueError("graph has no inputs")
+        except Exception as exc:
+            raise BackendError(f"{path} is not a valid ONNX model: {type(exc).__name__}: "
+                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+        props = {p.key: p.value for p in model.metadata_props}
+        self.manifest = json.loads(props[MANIFEST_KEY]) if MANIFEST_KEY in props else {}
+        self.threads = threads or self.manifest.get("threads") or torch.get_num_threads()
+        try:
+            self.session = _session(model.SerializeToString(), self.threads)
+        except Exception as exc:
+            raise BackendError(f"onnxruntime cannot load {path}: {str(exc).strip().splitlines()[0]}") from exc
+
+
+class OnnxBackend:
+    """``backend="onnx"``: options ``threads`` (default: torch's thread count),
+    ``dynamic_batch`` (default True), ``opset`` (default 18)."""
+
+    name = "onnx"
+
+    def lower(self, gm: GraphModule, example_inputs: tuple, threads: Optional[int] = None,
+              dynamic_batch: bool = True, opset: int = OPSET, **options: Any) -> OnnxModule:
+        if options:
+            raise BackendError(f"onnx backend: unknown option(s) {sorted(options)}; valid: threads, dynamic_batch, opset")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise BackendError(f"onnx backend: threads must be a positive integer, got {threads!r}")
+        model = to_onnx_model(gm, example_inputs, dynamic_batch=dynamic_batch, opset=opset)
+        return OnnxModule(model, threads or torch.get_num_threads())

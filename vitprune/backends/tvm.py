@@ -1,0 +1,348 @@
+"""Apache TVM (Relax) backend: torch.export -> Relax -> ``tvm.compile`` for cpu / cuda / arm.
+
+Flow (TVM_NOTES.md §1): re-export the graph at the static example batch, check every ATen op has
+an importer (else :class:`BackendError` naming the op and where it came from), import with
+``from_exported_program`` (weights embedded as constants, so weight transposes are folded),
+optionally apply fast-math (§2: ``fast_erf`` GELU, ``fast_softmax``/``fast_exp``; CPU default), then
+build: CPU/ARM with the default pipeline or, when ``tune=True`` / a tuning database exists, with the
+MetaSchedule schedules from the cache (:mod:`vitprune.backends.tuning`); CUDA with the default GPU
+pipeline (dlight rules), which builds on a machine without a GPU (§4a).
+
+``.export("m.so")`` writes the library plus ``m.so.json`` (manifest: target, input shape, passes),
+and ``m.so.cu`` (generated CUDA source) for CUDA; each file is written to a temporary name and
+renamed, so a failure leaves nothing half-written. :class:`LoadedTvm` reloads it with no model code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from torch.fx import GraphModule
+
+from ..errors import BackendError
+from ..ir.capture import export_program
+from .targets import ARM_CROSS_CXX, find_cross_compiler, resolve_target, target_family, target_json
+
+MANIFEST_SUFFIX = ".json"
+CUDA_SOURCE_SUFFIX = ".cu"
+
+
+def _tmp(path: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+
+
+def _origin(node) -> str:
+    """Where an ATen node came from: the vitprune pass / op module in its stack trace, and its module path."""
+    parts = []
+    trace = node.meta.get("stack_trace") or ""
+    hits = re.findall(r"vitprune/(passes|ops)/(\w+)\.py", trace)
+    if node.meta.get("vitprune_pass"):
+        parts.append(f"emitted by pass {node.meta['vitprune_pass']!r}")
+    elif hits:
+        kind, mod = hits[-1]
+        parts.append(f"emitted by vitprune/{kind}/{mod}.py")
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        parts.append(f"in module {list(stack.values())[-1][0]!r}")
+    return ", ".join(parts) or "origin unknown"
+
+
+def check_importable(ep) -> None:
+    """Raise if the (decomposed) ExportedProgram has an op ``from_exported_program`` cannot import.
+
+    Raises:
+        BackendError: names each missing ATen op and the pass / module that emitted it.
+    """
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    importer = ExportedProgramImporter()
+    known = importer.create_convert_map()
+    missing = {}
+    for node in ep.graph.nodes:
+        if node.op == "call_function" and getattr(node.target, "__name__", str(node.target)) not in known:
+            missing.setdefault(getattr(node.target, "__name__", str(node.target)), node)
+    if missing:
+        desc = "; ".join(f"aten op {name!r} ({_origin(n)})" for name, n in missing.items())
+        raise BackendError(f"TVM's Relax importer cannot lower {desc}. Use a formulation it has (e.g. topk/argsort "
+                           f"without stable=True + gather, TVM_NOTES.md §3) or use backend='onnx'/'torch'")
+
+
+def import_relax(gm: GraphModule, example_inputs: tuple, keep_params_as_input: bool = False):
+    """GraphModule -> Relax IRModule at the static batch of ``example_inputs`` (weights embedded).
+
+    Raises:
+        BackendError: torch.export fails at the static batch, or an op has no importer.
+    """
+    from tvm.relax.frontend.torch import from_exported_program
+
+    try:
+        ep = export_program(gm, example_inputs, dynamic_batch=False).run_decompositions()
+    except Exception as exc:
+        raise BackendError(f"torch.export of the graph failed before TVM import: {type(exc).__name__}: "
+                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+    check_importable(ep)
+    try:
+        return from_exported_program(ep, keep_params_as_input=keep_params_as_input, run_ep_decomposition=False)
+    except Exception as exc:
+        raise BackendError(f"TVM's Relax importer failed: {type(exc).__name__}: {str(exc).strip()[:300]}") from exc
+
+
+def _fast_gelu(bb, call):
+    from tvm import topi
+
+    def f(x):  # 0.5 x (1 + erf(x / sqrt 2)) with the polynomial fast_erf
+        return topi.multiply(x, topi.add(topi.multiply(topi.fast_erf(topi.multiply(x, 0.7071067811865476)), 0.5), 0.5))
+
+    return bb.call_te(f, call.args[0], primfunc_name_hint="gelu_fast")
+
+
+def apply_fast_math(mod):
+    """softmax -> fast_softmax, exp/erf/tanh -> fast_*, GELU via fast_erf (TVM_NOTES.md §2 "Fast-math").
+
+    libm's ``erff``/``expf`` do not vectorize; this made GELU 51x faster at the 1e-6 accuracy level.
+    """
+    from tvm import relax
+
+    mod = relax.transform.FastMathTransform()(mod)
+    return relax.transform.LegalizeOps(customize_legalize_map={"relax.nn.gelu": _fast_gelu})(mod)
+
+
+def build(mod, target, tuning_dir: Optional[str] = None):
+    """``tvm.compile`` for ``target``; with ``tuning_dir`` the MetaSchedule database's schedules are applied.
+
+    Raises:
+        BackendError: the build fails (TVM's message, first line).
+    """
+    import tvm
+
+    from .tuning import apply_database
+
+    try:
+        if tuning_dir is not None:
+            mod = apply_database(mod, target, tuning_dir)
+        return tvm.compile(mod, target=target)
+    except BackendError:
+        raise
+    except Exception as exc:
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        raise BackendError(f"TVM build for {target_family(target)} failed: {type(exc).__name__}: "
+                           f"{lines[-1] if lines else ''}") from exc
+
+
+def cuda_source(ex) -> str:
+    """The generated CUDA C of a CUDA executable (tree: VMExecutable -> llvm host -> cuda), or ''."""
+    def walk(m):
+        if m.kind == "cuda":
+            return m.inspect_source("")
+        for sub in m.imports:
+            s = walk(sub)
+            if s:
+                return s
+        return ""
+
+    return walk(ex.mod)
+
+
+def _host_can_run(family: str) -> Optional[str]:
+    """None if this machine can run a library of ``family``, else the reason."""
+    import tvm
+
+    if family == "cuda" and not tvm.cuda(0).exist:
+        return "it was built for CUDA and this machine has no CUDA GPU (load it on a machine with an NVIDIA GPU)"
+    if family == "arm" and platform.machine().lower() not in ("aarch64", "arm64"):
+        return (f"it was built for aarch64 and this machine is {platform.machine()} (copy it to an ARM64 device; "
+                f"under x86 it can only be run with qemu-user)")
+    return None
+
+
+class _VmRunner:
+    """Run a Relax VM on ``[B, 3, H, W]`` with a static batch: other batch sizes are split / zero-padded
+    into chunks of the compiled batch (images are independent in a ViT)."""
+
+    vm: Any
+    device: Any
+    input_shape: tuple
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        import tvm
+
+        if self.vm is None:
+            raise BackendError(f"cannot run this TVM module here: {self._why_not}; build with target='cpu' to run "
+                               f"it locally, or pass check_parity=False to compile() to only build it")
+        shape = tuple(self.input_shape)
+        if tuple(x.shape[1:]) != shape[1:]:
+            raise BackendError(f"TVM module was built for images {shape[1:]}, got input {tuple(x.shape)}")
+        b = shape[0]
+        arr = x.detach().cpu().float().numpy()
+        n = arr.shape[0]
+        pad = (-n) % b
+        if pad:
+            arr = np.concatenate([arr, np.zeros((pad,) + arr.shape[1:], np.float32)])
+        outs = []
+        for i in range(0, arr.shape[0], b):
+            out = self.vm["main"](tvm.runtime.tensor(np.ascontiguousarray(arr[i:i + b]), self.device))
+            if not hasattr(out, "numpy"):
+                out = out[0]
+            outs.append(out.numpy())
+        return torch.from_numpy(np.concatenate(outs)[:n])
+
+
+def _make_vm(lib, family: str):
+    import tvm
+    from tvm import relax
+
+    dev = tvm.cuda(0) if family == "cuda" else tvm.cpu(0)
+    return relax.VirtualMachine(lib, dev), dev
+
+
+class TvmModule(_VmRunner):
+    """A graph built by TVM for one target at a static input shape.
+
+    Attributes:
+        executable: the ``relax.VMExecutable``; target: the ``tvm.target.Target``; family: cpu/cuda/arm;
+        tuning: the :class:`~vitprune.backends.tuning.TuneResult` when tuned; cuda_source: CUDA C (cuda only).
+    """
+
+    def __init__(self, executable, target, input_shape: tuple, fast_math: bool, tuning=None):
+        self.executable = executable
+        self.target = target
+        self.family = target_family(target)
+        self.input_shape = tuple(input_shape)
+        self.fast_math = fast_math
+        self.tuning = tuning
+        self.cuda_source = cuda_source(executable) if self.family == "cuda" else ""
+        self._why_not = _host_can_run(self.family)
+        self.vm, self.device = (None, None) if self._why_not else _make_vm(executable, self.family)
+
+    def export(self, path: str, manifest: Optional[dict] = None) -> str:
+        """Write ``path`` (shared library, weights embedded), ``path.json`` (manifest) and, for CUDA,
+        ``path.cu`` (generated CUDA source). ARM uses the ``aarch64-linux-gnu-g++`` cross compiler.
+
+        Raises:
+            BackendError: the cross compiler is missing (says which package to install) or linking fails.
+        """
+        from tvm.support import cc
+
+        kwargs = {}
+        if self.family == "arm":
+            kwargs["fcompile"] = cc.cross_compiler(find_cross_compiler(ARM_CROSS_CXX))
+        man = dict(manifest or {"format": "vitprune"}, backend="tvm", target=json.loads(target_json(self.target)), target_family=self.family,
+                   input_shape=list(self.input_shape), fast_math=self.fast_math,
+                   tuned=bool(self.tuning), tuning_dir=getattr(self.tuning, "work_dir", None))
+        files = {path + MANIFEST_SUFFIX: json.dumps(man, indent=1, default=str)}
+        if self.family == "cuda":
+            files[path + CUDA_SOURCE_SUFFIX] = self.cuda_source
+        tmps = [_tmp(path)] + [_tmp(p) for p in files]
+        try:
+            try:
+                self.executable.export_library(tmps[0], **kwargs)
+            except Exception as exc:
+                raise BackendError(f"export_library({path}) failed: {type(exc).__name__}: "
+                                   f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}") from exc
+            for tmp, text in zip(tmps[1:], files.values()):
+                with open(tmp, "w") as f:
+                    f.write(text)
+            for tmp, final in zip(tmps, [path, *files]):
+                os.replace(tmp, final)
+        finally:
+            for tmp in tmps:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        return path
+
+
+class LoadedTvm(_VmRunner):
+    """A ``.so`` written by :meth:`TvmModule.export`, loaded with no model code (needs ``path.json``).
+
+    Raises:
+        BackendError: no manifest next to it (foreign file), a corrupt library, or a library this
+            machine cannot run (CUDA without a GPU, aarch64 on x86), saying which.
+    """
+
+    def __init__(self, path: str):
+        import tvm
+
+        man_path = path + MANIFEST_SUFFIX
+        try:
+            with open(man_path) as f:
+                self.manifest = json.load(f)
+            if self.manifest.get("format") != "vitprune" and self.manifest.get("backend") != "tvm":
+                raise ValueError("not a vitprune manifest")
+        except (OSError, ValueError) as exc:
+            raise BackendError(f"{path} has no valid vitprune manifest {man_path} ({type(exc).__name__}); it was not "
+                               f"written by vitprune's TVM export: re-export it with `vitprune export --backend tvm`") from exc
+        self.family = self.manifest.get("target_family", "cpu")
+        self.input_shape = tuple(self.manifest["input_shape"])
+        self._why_not = _host_can_run(self.family)
+        if self._why_not:
+            raise BackendError(f"cannot load {path}: {self._why_not}")
+        try:
+            lib = tvm.runtime.load_module(path)
+            self.vm, self.device = _make_vm(lib, self.family)
+        except Exception as exc:
+            lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+            raise BackendError(f"{path} is not a loadable TVM library (corrupt or foreign): {type(exc).__name__}: "
+                               f"{lines[-1] if lines else ''}") from exc
+
+
+class TvmBackend:
+    """``backend="tvm"``. Options:
+
+    - ``target``: ``"cpu"`` (default), ``"cuda"``, ``"arm"``, or a TVM target JSON dict;
+    - ``target_options``: dict of overrides (``{"arch": "sm_90"}``, ``{"mcpu": "cortex-a72"}``); ``arch=`` and
+      ``mcpu=`` are also accepted directly;
+    - ``fast_math``: default True on CPU/ARM, False on CUDA;
+    - ``tune``: MetaSchedule-tune (CPU only; from the cache when already tuned); ``trials``: per task
+      (default :data:`~vitprune.backends.tuning.DEFAULT_TRIALS_PER_TASK`); ``use_cache``: compile with a
+      cached database when one exists even if ``tune=False`` (default True); ``cache_dir``; ``progress``.
+    """
+
+    name = "tvm"
+
+    def lower(self, gm: GraphModule, example_inputs: tuple, target: Union[str, dict] = "cpu",
+              target_options: Optional[dict] = None, arch: Optional[str] = None, mcpu: Optional[str] = None,
+              fast_math: Optional[bool] = None, tune: bool = False, trials: Optional[int] = None,
+              use_cache: bool = True, cache_dir: Optional[str] = None, progress: bool = True,
+              **options: Any) -> TvmModule:
+        if options:
+            raise BackendError(f"tvm backend: unknown option(s) {sorted(options)}; valid: target, target_options, arch, "
+                               f"mcpu, fast_math, tune, trials, use_cache, cache_dir, progress")
+        tgt = self.resolve(target, target_options, arch=arch, mcpu=mcpu)
+        family = target_family(tgt)
+        if fast_math is None:
+            fast_math = family != "cuda"
+        mod = import_relax(gm, example_inputs)
+        if fast_math:
+            mod = apply_fast_math(mod)
+        tuning = None
+        if family == "cpu" and (tune or use_cache):
+            from . import tuning as tn
+
+            if tune:
+                tuning = tn.tune(mod, tgt, trials_per_task=trials or tn.DEFAULT_TRIALS_PER_TASK,
+                                 cache_dir=cache_dir, progress=progress)
+            else:
+                tuning = tn.lookup(mod, tgt, cache_dir=cache_dir)
+        elif tune:
+            raise BackendError(f"tune=True needs target='cpu' (MetaSchedule measures on this machine); got {family!r}")
+        ex = build(mod, tgt, tuning.work_dir if tuning else None)
+        return TvmModule(ex, tgt, tuple(example_inputs[0].shape), fast_math, tuning)
+
+    @staticmethod
+    def resolve(target: Union[str, dict], target_options: Optional[dict] = None, **extra):
+        """Target name or JSON dict (+ overrides) -> ``tvm.target.Target``; BackendError if invalid."""
+        import tvm
+
+        overrides = dict(target_options or {}, **{k: v for k, v in extra.items() if v is not None})
+        if isinstance(target, dict):
+            try:
+                return tvm.target.Target(dict(target, **overrides))
+            except Exception as exc:
+                raise BackendError(f"TVM rejected target {target}: {str(exc).strip().splitlines()[0]}") from exc
+        return resolve_target(target, **overrides)
