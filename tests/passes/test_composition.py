@@ -1,0 +1,38 @@
+"""SNP and Zero-TPrune compose in either order, and the result lowers to ONNX with parity."""
+
+import pytest
+import timm
+import torch
+
+import vitprune
+from vitprune.ir import find_attention_sites
+
+pytest.importorskip("onnxruntime")
+
+ORDERS = {
+    "snp-then-zero-tprune": ["snp:ratio=0.2,compensate=false", "zero-tprune:prune_blocks=3;6;9,keep=0.8;0.8;0.8"],
+    # Known bug: SNP's calibration/surgery on a token-pruned graph emits a reshape with the
+    # captured token count (RuntimeError: shape '[8, 197, 192]' is invalid). Strict xfail so a
+    # fix is noticed.
+    "zero-tprune-then-snp": pytest.param(
+        ["zero-tprune:prune_blocks=3;6;9,keep=0.8;0.8;0.8", "snp:ratio=0.2,compensate=false"],
+        marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason="SNP after token pruning: fixed token count")),
+}
+
+
+@pytest.mark.parametrize("passes", list(ORDERS.values()), ids=list(ORDERS))
+def test_snp_and_zero_tprune_compose(passes):
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224").eval()
+    x = torch.randn(2, 3, 224, 224)
+    calib = torch.randn(8, 3, 224, 224)
+    compiled = vitprune.compile(model, passes=passes, example_inputs=x, calibration=calib, progress=False)
+    sites = find_attention_sites(compiled.graph_module)
+    tokens = [s.num_tokens for s in sites]
+    assert tokens[0] == 197 and tokens[4] < 197 and tokens[-1] < tokens[4], tokens
+    assert sites[0].qkv_layout == "separate" and sites[0].q_proj.out_features < 192
+    assert compiled.report.gmacs_after < 0.8 * compiled.report.gmacs_before
+    onnx = vitprune.compile(model, passes=passes, example_inputs=x, backend="onnx",
+                            calibration=calib, progress=False)
+    with torch.no_grad():
+        assert (onnx(x) - compiled(x)).abs().max().item() <= 1e-4
