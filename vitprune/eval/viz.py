@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.fx import GraphModule
 
+from ..ir.rewrite import node_values
 from ..ir.tags import token_select_outputs
 from ..ops.tome import unpack_matching
 
@@ -38,17 +39,7 @@ def token_groups(module, x: torch.Tensor) -> list[dict]:
     wanted = token_select_outputs(gm)
     if not wanted:
         return []
-    nodes = {n for n, _ in wanted}
-    values: dict = {}
-
-    class _Grab(torch.fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n in nodes:
-                values[n] = out
-            return out
-
-    _Grab(gm).run(x)
+    values = node_values(gm, (x,), {n for n, _ in wanted})
     n0 = wanted[0][1]["tokens_in"]
     slot = torch.arange(n0).expand(x.shape[0], n0).clone()          # current position of each original
     layers = []

@@ -149,7 +149,7 @@ def drop_trivial_masks(gm: GraphModule, example_inputs: tuple) -> int:
             candidates.append((node, mask))
     if not candidates:
         return 0
-    values = _evaluate(gm, example_inputs, {m for _, m in candidates})
+    values = node_values(gm, example_inputs, {m for _, m in candidates})
     removed = 0
     for node, mask in candidates:
         val = values[mask]
@@ -173,8 +173,9 @@ def drop_trivial_masks(gm: GraphModule, example_inputs: tuple) -> int:
     return removed
 
 
-def _evaluate(gm: GraphModule, example_inputs: tuple, wanted: set) -> dict:
-    """Run ``gm`` on ``example_inputs`` and return the values of the ``wanted`` nodes."""
+def node_values(gm: GraphModule, example_inputs: tuple, wanted: set) -> dict:
+    """Run ``gm`` once on ``example_inputs`` (no grad) and return ``{node: value}`` for the
+    ``wanted`` nodes (intermediate tensors such as kept-token indices or masks)."""
     values: dict = {}
 
     class _Grab(torch.fx.Interpreter):

@@ -54,7 +54,7 @@ from ..errors import InvalidPassConfigError
 from ..eval.flops import gmacs as measure_gmacs
 from ..ir.capture import recapture
 from ..ir.match import find_attention_sites
-from ..ir.rewrite import relax_token_dim
+from ..ir.rewrite import node_values, relax_token_dim
 from ..ir.sites import AttentionSite
 from ..ir.tags import tag_token_select, token_select_outputs
 from ..ops.head_filter import VAR_NORMS
@@ -453,17 +453,7 @@ def kept_token_indices(module, x: torch.Tensor) -> list[torch.Tensor]:
     wanted = _index_nodes(gm)
     if not wanted:
         return []
-    want = {n: b for b, n in wanted}
-    values: dict = {}
-
-    class _Grab(torch.fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n in want:
-                values[n] = out
-            return out
-
-    _Grab(gm).run(x)
+    values = node_values(gm, (x,), {n for _, n in wanted})
     result, prev = [], None
     for _, node in wanted:
         idx = values[node]
