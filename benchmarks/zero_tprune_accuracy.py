@@ -37,6 +37,7 @@ DEFAULT_WEIGHTS = os.path.join(SHARED, "models", "deit_tiny_patch16_224.safetens
 
 VARIANTS = {
     "zero-tprune": {},
+    "zero-tprune merge": {"mode": "merge", "rs_ratio": 0.7},
     "cls-topk": {"importance": "cls"},
     "random": {"importance": "random"},
 }

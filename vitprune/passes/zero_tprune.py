@@ -38,12 +38,23 @@ first three blocks / the middle / the last three blocks, default 30/5/1; ``layer
 overrides per layer), VHF band ``vmin``/``vmax`` with ``var_norm`` and ``vhf`` on/off,
 ``cls_init``, ``importance`` (``"wpr"`` = Zero-TPrune, ``"cls"`` = CLS-attention top-k,
 ``"random"`` = fixed-seed random dropping), ``feature`` (S-stage keys ``"concat"``/``"mean"``),
-``mode`` (``"prune"``; ``"merge"`` is reserved for the size-weighted merge variant).
+``mode``.
+
+Merge variant (``mode="merge"``, needs ``importance="wpr"``)
+    Instead of dropping the S-stage's redundant tokens, each is merged into its most similar
+    more-important token by a size-weighted average (one-hot matmul, no scatter). Token
+    sizes ``[B, N, 1]`` are carried as graph values from the first merging layer on, and
+    every later block gets proportional attention (``+log(size)`` on the attention logits
+    before softmax, as in ToMe). Tokens the I-stage removes are still dropped. Counting adds
+    ``N·r_S·(C+1)`` MACs per layer for the merge matmuls. Not in the paper (ALGORITHMS.md
+    §1b Step 4: the paper drops); on real DeiT-T it halves the KL divergence to the unpruned
+    model at the same GMACs (benchmarks/zero_tprune_accuracy.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -61,7 +72,7 @@ from ..ops.head_filter import VAR_NORMS
 from ..ops.similarity import partition_sizes, s_stage_macs
 from ..ops.token_select import gather_tokens
 from ..ops.wpr import wpr_macs
-from ..ops.zero_tprune_layer import IMPORTANCES, random_keep, select_tokens
+from ..ops.zero_tprune_layer import IMPORTANCES, log_size_bias, mark, merge_into, random_keep, select_tokens, unit_sizes
 from .base import Pass, PassContext, register_pass
 from .explicit_attention import explicit_attention_nodes
 
@@ -161,8 +172,8 @@ class ZeroTPrune(Pass):
 
         if self.mode not in MODES:
             bad(f"mode={self.mode!r} is unknown; valid modes: {', '.join(MODES)}")
-        if self.mode == "merge":
-            bad("mode='merge' (size-weighted merge variant) is not implemented yet; use mode='prune'")
+        if self.mode == "merge" and self.importance != "wpr":
+            bad(f"mode='merge' merges the S-stage pairs and needs importance='wpr', got {self.importance!r}")
         if self.importance not in IMPORTANCES:
             bad(f"importance={self.importance!r} is unknown; valid: {', '.join(IMPORTANCES)}")
         if self.preset is not None and self.preset not in PRESETS:
@@ -289,6 +300,8 @@ class ZeroTPrune(Pass):
                 continue
             if lp.r_s > 0:
                 extra += wpr_macs(info.heads, lp.n_in, 1)
+                if self.mode == "merge":                          # one-hot merge matmuls (x and size)
+                    extra += lp.n_in * lp.r_s * (info.embed_dim + 1)
                 fdim = info.heads * info.head_dim if self.feature == "concat" else info.head_dim
                 extra += s_stage_macs(lp.n_in, info.prefix, fdim)
             if lp.r_i > 0:
@@ -360,33 +373,80 @@ class ZeroTPrune(Pass):
         image_shape = tuple(ctx.example_inputs[0].shape[1:])
         info = ModelInfo.from_graph(gm, sites, image_shape)
         plans, analytic = self.plan(gm, sites, info)           # all checks happen here, before editing
-        by_block = {s.block_index: s for s in sites}
+        layer_at = {lp.block: lp for lp in plans}
+        merge = self.mode == "merge"
         first_gather: Optional[Node] = None
-        for lp in plans:
-            site = by_block[lp.block]
+        size: Optional[Node] = None                              # token sizes [B, N, 1] (merge mode)
+        g = gm.graph
+        for site in sites:
+            probs = None
+            if size is not None:                                 # proportional attention after a merge
+                probs = _probs(gm, site)
+                logits = probs.args[0]
+                with g.inserting_before(probs):
+                    bias = _with_meta(g.call_function(log_size_bias, (size,)), probs)
+                    biased = _with_meta(g.call_function(torch.ops.aten.add.Tensor, (logits, bias)), probs)
+                probs.replace_input_with(logits, biased)
+            lp = layer_at.get(site.block_index)
+            if lp is None:
+                continue
             out = site.block_output
-            g = gm.graph
-            if lp.n_out == lp.n_in:                              # removes nothing: identity gather only
-                with g.inserting_after(out):
-                    idx = g.call_function(all_indices, (out,))
-            elif self.importance == "random":                   # needs no attention probabilities
-                with g.inserting_after(out):
-                    idx = g.call_function(random_keep, (out,), dict(n_keep=lp.n_out, num_prefix=info.prefix,
-                                                                    seed=self.seed + lp.block))
-            else:
-                probs = site.attn_probs if site.kind == "explicit" else explicit_attention_nodes(gm, site)
-                with g.inserting_after(out):
-                    idx = g.call_function(select_tokens, (probs, site.k), dict(
+            own: list[Node] = []
+            with g.inserting_after(out):
+                if lp.n_out == lp.n_in:                          # removes nothing: identity gather only
+                    idx = sel = g.call_function(all_indices, (out,))
+                    own.append(idx)
+                elif self.importance == "random":                # needs no attention probabilities
+                    idx = sel = g.call_function(random_keep, (out,), dict(
+                        n_keep=lp.n_out, num_prefix=info.prefix, seed=self.seed + lp.block))
+                    own.append(idx)
+                else:
+                    probs = probs or _probs(gm, site)
+                    sel = g.call_function(select_tokens, (probs, site.k), dict(
                         n_after_s=lp.n_after_s, n_keep=lp.n_out, num_prefix=info.prefix, iters=lp.iters,
                         cls_init=self.cls_init, vmin=float(self.vmin), vmax=float(self.vmax), var_norm=self.var_norm,
-                        use_vhf=self.vhf, importance=self.importance, feature=self.feature, seed=self.seed + lp.block))
-            with g.inserting_after(idx):
-                new_x = g.call_function(gather_tokens, (out, idx))
+                        use_vhf=self.vhf, importance=self.importance, feature=self.feature, seed=self.seed + lp.block,
+                        return_merge=merge))
+                    idx = sel
+            if merge and lp.n_out != lp.n_in:
+                with g.inserting_after(sel):
+                    kept = g.call_function(operator.getitem, (sel, 0))
+                with g.inserting_after(kept):
+                    src = g.call_function(operator.getitem, (sel, 1))
+                with g.inserting_after(src):
+                    dst = g.call_function(operator.getitem, (sel, 2))
+                with g.inserting_after(dst):
+                    idx = g.call_function(mark, (kept,))
+                cur = idx
+                if size is None:
+                    with g.inserting_after(cur):
+                        size = cur = g.call_function(unit_sizes, (out,))
+                    own.append(size)
+                with g.inserting_after(cur):
+                    merged = g.call_function(merge_into, (out, size, src, dst))
+                own.append(merged)
+                with g.inserting_after(merged):
+                    src_x = g.call_function(operator.getitem, (merged, 0))
+                with g.inserting_after(src_x):
+                    src_size = g.call_function(operator.getitem, (merged, 1))
+                with g.inserting_after(src_size):
+                    new_x = g.call_function(gather_tokens, (src_x, idx))
+                with g.inserting_after(new_x):
+                    size = g.call_function(gather_tokens, (src_size, idx))
+                extra = [kept, src, dst, src_x, src_size, size, merged]
+            else:
+                with g.inserting_after(idx):
+                    new_x = g.call_function(gather_tokens, (out, idx))
+                extra = []
+                if size is not None:                             # merge mode, layer that keeps all
+                    with g.inserting_after(new_x):
+                        size = g.call_function(gather_tokens, (size, idx))
+                    extra.append(size)
+            own.append(new_x)
             tag_token_select(idx, block=lp.block, kind="prune", tokens_in=lp.n_in)
-            meta = {"nn_module_stack": out.meta.get("nn_module_stack", {}), "stack_trace": out.meta.get("stack_trace")}
-            idx.meta.update(meta)
-            new_x.meta.update(meta)
-            out.replace_all_uses_with(new_x, delete_user_cb=lambda u, _n=(new_x, idx): u not in _n)
+            for node in [sel, idx, new_x, *extra]:
+                _with_meta(node, out)
+            out.replace_all_uses_with(new_x, delete_user_cb=lambda u, _n=tuple(own): u not in _n)
             first_gather = first_gather or new_x
         if first_gather is not None:
             relax_token_dim(gm, first_gather, info.tokens)
@@ -405,6 +465,22 @@ class ZeroTPrune(Pass):
             rec["kept_indices"] = [t.tolist() for t in kept_token_indices(gm, ctx.example_inputs[0])]
         ctx.record(**rec)
         return gm
+
+
+def _probs(gm: GraphModule, site: AttentionSite) -> Node:
+    """The attention-probabilities node of ``site`` (made explicit first if fused)."""
+    if site.kind == "explicit":
+        return site.attn_probs
+    probs = explicit_attention_nodes(gm, site)
+    site.kind, site.attn_probs = "explicit", probs
+    return probs
+
+
+def _with_meta(node: Node, src: Node) -> Node:
+    node.meta["nn_module_stack"] = dict(src.meta.get("nn_module_stack") or {})
+    if src.meta.get("stack_trace"):
+        node.meta["stack_trace"] = src.meta["stack_trace"]
+    return node
 
 
 def all_indices(x: torch.Tensor) -> torch.Tensor:
