@@ -99,7 +99,7 @@ def test_gmacs_match_independent_analytic_count(kw, layers):
     depth, img = 5, 96
     m = tiny_vit(depth=depth, img=img)                       # 36 patches + CLS
     x = torch.randn(2, 3, img, img)
-    p = ZeroTPrune(**kw)
+    p = ZeroTPrune(mode="prune", **{"rs_ratio": 0.5, **kw})
     c = vitprune.compile(m, [p], example_inputs=x)
     rec = c.report.passes[0]
     if not layers:                                           # baselines: no pruning-layer work
@@ -188,7 +188,6 @@ def test_json_round_trip_and_spec():
     (dict(keep=[0.0]), r"keep rate 0.0 outside \(0, 1\]"),
     (dict(counts=[-1]), r"count -1 must be an int >= 0"),
     (dict(mode="fuse", keep=[0.5]), r"mode=.fuse. is unknown; valid modes: prune, merge"),
-    (dict(mode="merge", importance="cls", keep=[0.5]), r"mode=.merge. .* needs importance=.wpr."),
     (dict(preset="d"), r"preset='d' is unknown; valid presets: a, b, c"),
     (dict(importance="grad", keep=[0.5]), r"importance='grad' is unknown"),
     (dict(var_norm="std", keep=[0.5]), r"var_norm='std' is unknown"),
@@ -237,7 +236,8 @@ def test_merge_mode_counts_exports_and_is_per_sample(tmp_path):
     c = vitprune.compile(m, [p], example_inputs=x)
     rec = c.report.passes[0]
     # merge adds the one-hot matmuls N·r_S·(C+1) to the prune-mode count
-    prune = vitprune.compile(m, [ZeroTPrune(prune_blocks=[0, 2], keep=[0.75, 0.5], rs_ratio=0.7)], example_inputs=x)
+    prune = vitprune.compile(m, [ZeroTPrune(prune_blocks=[0, 2], keep=[0.75, 0.5], rs_ratio=0.7, mode="prune")],
+                             example_inputs=x)
     extra = sum(n * r * 49 for n, r in zip([17, 13], rec["r_s"])) / 1e9
     assert gmacs(c.graph_module, (3, 64, 64)) == pytest.approx(gmacs(prune.graph_module, (3, 64, 64)) + extra, rel=1e-6)
     assert rec["gmacs_analytic"] == pytest.approx(gmacs(c.graph_module, (3, 64, 64)), rel=1e-3)
@@ -260,6 +260,6 @@ def test_merge_with_unit_sizes_and_no_s_stage_equals_prune():
     x = torch.randn(2, 3, 64, 64)
     kw = dict(prune_blocks=[0], keep=[0.5], rs_ratio=0.0)
     a = vitprune.compile(m, [ZeroTPrune(mode="merge", **kw)], example_inputs=x)
-    b = vitprune.compile(m, [ZeroTPrune(**kw)], example_inputs=x)
+    b = vitprune.compile(m, [ZeroTPrune(mode="prune", **kw)], example_inputs=x)
     with torch.no_grad():                                    # sizes stay 1: log(1) = 0 bias
         torch.testing.assert_close(a(x), b(x), atol=1e-5, rtol=1e-5)
