@@ -250,3 +250,38 @@ def test_select_tokens_wpr_without_s_stage_is_topk_of_eir():
     idx = select_tokens(attn, keys, n_after_s=13, n_keep=8, num_prefix=1, iters=7, cls_init=True)
     imp = eir_vhf(wpr(attn, 7, True), 0.01, 0.7, "mean1")
     assert torch.equal(idx, topk_reference(imp, 8, 1))
+
+
+# ------------------------------------------------------------------ merge variant
+
+@settings(**SETTINGS)
+@given(st.integers(1, 3), st.integers(3, 16), st.integers(0, 10_000), st.data())
+def test_merge_into_matches_loop_reference(b, n, seed, data):
+    from vitprune.ops.zero_tprune_layer import merge_into
+
+    r = data.draw(st.integers(0, n // 2))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, n, 4, generator=g, dtype=torch.float64)
+    size = torch.randint(1, 4, (b, n, 1), generator=g).double()
+    perm = torch.stack([torch.randperm(n, generator=g) for _ in range(b)])
+    src = perm[:, :r]
+    dst = perm[:, r:][:, torch.randint(0, n - r, (r,), generator=g)] if r else perm[:, :0]
+    xm, sm = merge_into(x, size, src, dst)
+    for bi in range(b):
+        for j in range(n):
+            members = [j] + [int(src[bi, k]) for k in range(r) if int(dst[bi, k]) == j]
+            tot = sum(float(size[bi, i]) for i in members)
+            want = sum(x[bi, i] * float(size[bi, i]) for i in members) / tot
+            assert abs(float(sm[bi, j]) - tot) < 1e-9
+            assert torch.allclose(xm[bi, j], want)
+
+
+def test_select_tokens_merge_pairs_are_s_stage_pairs():
+    attn = random_attention(2, 3, 15, 4, temp=2.0)
+    keys = torch.randn(2, 3, 15, 4, generator=torch.Generator().manual_seed(9))
+    kept, src, dst = select_tokens(attn, keys, n_after_s=11, n_keep=8, num_prefix=1, return_merge=True)
+    assert torch.equal(kept, select_tokens(attn, keys, n_after_s=11, n_keep=8, num_prefix=1))
+    assert src.shape == dst.shape == (2, 4)
+    for bi in range(2):
+        assert not set(src[bi].tolist()) & set(kept[bi].tolist())        # merged tokens are gone
+        assert 0 not in src[bi].tolist()                                  # CLS is never merged away

@@ -13,6 +13,9 @@ Importance variants sharing the plumbing (baselines asked for by the issue):
 * ``"random"``: random dropping. The scores are a fixed pseudo-random permutation of token
   positions drawn from ``seed`` at trace time (a graph constant), so the kept positions are
   random but the same for every image; no S-stage.
+
+Merge variant helpers: :func:`merge_into` (size-weighted merge of the S-stage pairs, one-hot
+matmul), :func:`unit_sizes`, :func:`log_size_bias` (proportional attention) and :func:`mark`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from .similarity import key_features, s_stage
 from .token_select import gather_attention, gather_tokens, topk_keep
 from .wpr import wpr
 
-__all__ = ["select_tokens", "random_keep", "IMPORTANCES"]
+__all__ = ["select_tokens", "random_keep", "merge_into", "unit_sizes", "log_size_bias", "IMPORTANCES"]
 
 IMPORTANCES = ("wpr", "cls", "random")
 
@@ -46,7 +49,7 @@ def random_keep(x: torch.Tensor, n_keep: int, num_prefix: int, seed: int = 0) ->
 def select_tokens(attn: torch.Tensor, keys: torch.Tensor, n_after_s: int, n_keep: int, num_prefix: int,
                   iters: int = 5, cls_init: bool = True, vmin: float = 0.01, vmax: float = 0.7,
                   var_norm: str = "mean1", use_vhf: bool = True, importance: str = "wpr",
-                  feature: str = "concat", seed: int = 0, pre_iters: int = 1) -> torch.Tensor:
+                  feature: str = "concat", seed: int = 0, pre_iters: int = 1, return_merge: bool = False):
     """Indices of the tokens a pruning layer keeps.
 
     Args:
@@ -62,13 +65,18 @@ def select_tokens(attn: torch.Tensor, keys: torch.Tensor, n_after_s: int, n_keep
         feature: S-stage key feature, ``"concat"`` or ``"mean"``.
         seed: seed of the ``"random"`` variant.
         pre_iters: WPR iterations of the I′ pre-ranking (1 in the paper).
+        return_merge: also return the S-stage pairs (merge variant).
 
     Returns:
-        ``[B, n_keep]`` int64 indices into ``N``, ascending, prefix first.
+        ``[B, n_keep]`` int64 indices into ``N``, ascending, prefix first. With
+        ``return_merge``: ``(kept, src [B, r_S], dst [B, r_S])``, each S-removed token ``src``
+        and its most similar more-important token ``dst`` (indices into ``N``).
     """
     b, h, n, _ = attn.shape
+    none = torch.zeros(b, 0, dtype=torch.int64, device=attn.device)
     if n_keep == n:                                                    # keeps everything: identity
-        return torch.arange(n, device=attn.device).unsqueeze(0).expand(b, n)
+        kept = torch.arange(n, device=attn.device).unsqueeze(0).expand(b, n)
+        return (kept, none, none) if return_merge else kept
     if importance == "random":
         return topk_keep(_random_scores(b, n, seed, attn.device), n_keep, num_prefix)
     if importance == "cls":
@@ -78,14 +86,53 @@ def select_tokens(attn: torch.Tensor, keys: torch.Tensor, n_after_s: int, n_keep
         raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
     kw = dict(vmin=vmin, vmax=vmax, var_norm=var_norm, use_vhf=use_vhf)
     ninit = max(num_prefix, 1) if cls_init else 0
-    kept = None
+    kept, src, dst = None, none, none
     sub = attn
     if n_after_s < n:                                                  # I' -> S
         imp_pre = eir_vhf(wpr(attn, pre_iters, cls_init, ninit), **kw)
-        kept = s_stage(key_features(keys, feature), imp_pre, n - n_after_s, num_prefix)
+        kept, src, dst = s_stage(key_features(keys, feature), imp_pre, n - n_after_s, num_prefix, return_match=True)
         if n_keep == n_after_s:
-            return kept
+            return (kept, src, dst) if return_merge else kept
         sub = gather_attention(attn.float(), kept)                     # attention among survivors
     imp = eir_vhf(wpr(sub, iters, cls_init, ninit), **kw)              # I-stage
     pos = topk_keep(imp, n_keep, num_prefix)
-    return pos if kept is None else gather_tokens(kept, pos)
+    out = pos if kept is None else gather_tokens(kept, pos)
+    return (out, src, dst) if return_merge else out
+
+
+def merge_into(x: torch.Tensor, size: torch.Tensor, src: torch.Tensor, dst: torch.Tensor):
+    """Size-weighted merge of tokens ``src`` into ``dst`` (merge variant), full length.
+
+    ``x'[j] = (s_j x_j + sum_{i: dst_i = j} s_i x_i) / (s_j + sum s_i)`` for every target ``j``;
+    sizes add up. The ``src`` rows are left as they were (the gather of kept tokens drops
+    them). Written with a one-hot assignment ``[B, N, r]`` and a batched matmul (no scatter):
+    ``N·r·(C+1)`` MACs.
+
+    Args:
+        x: ``[B, N, C]`` tokens; size: ``[B, N, 1]`` token sizes; src, dst: ``[B, r]`` indices.
+
+    Returns:
+        ``(x' [B, N, C], size' [B, N, 1])``.
+    """
+    n = x.shape[1]
+    size = size.to(x.dtype)
+    xs = x * size
+    assign = (torch.arange(n, device=x.device).view(1, n, 1) == dst.unsqueeze(1)).to(x.dtype)   # [B, N, r]
+    num = xs + assign @ gather_tokens(xs, src)
+    den = size + assign @ gather_tokens(size, src)
+    return num / den, den
+
+
+def unit_sizes(x: torch.Tensor) -> torch.Tensor:
+    """Initial token sizes ``[B, N, 1]`` (ones) for tokens ``x [B, N, C]``."""
+    return torch.ones_like(x[..., :1])
+
+
+def log_size_bias(size: torch.Tensor) -> torch.Tensor:
+    """Proportional attention: ``log(size)`` as an additive logit bias ``[B, 1, 1, N]`` over keys."""
+    return torch.log(size[..., 0]).unsqueeze(1).unsqueeze(1)
+
+
+def mark(idx: torch.Tensor) -> torch.Tensor:
+    """``idx + 0``: a node to carry the kept-token tag when the selection has several outputs."""
+    return idx + 0
