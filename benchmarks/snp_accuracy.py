@@ -105,12 +105,13 @@ def report(rows, png, model_name, nc, total):
     """Markdown table (drops vs the unpruned row) and a PNG of top-1 vs GMACs."""
     print()
     print(f"| GMACs reduction | criterion | recovery | GMACs | top-1 held-out ({total - nc}) | drop (pt) | "
-          f"top-1 all ({total}) | agreement |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"top-1 all ({total}) | agreement | options |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         drop = 100 * (rows[0]["top1_heldout"] - r["top1_heldout"])
         print(f"| {100 * r['reduction']:.0f} % | {r['criterion']} | {r['compensate']} | {r['gmacs']:.3f} | "
-              f"{100 * r['top1_heldout']:.1f} | {drop:.1f} | {100 * r['top1_all']:.1f} | {100 * r['agree_heldout']:.1f} |")
+              f"{100 * r['top1_heldout']:.1f} | {drop:.1f} | {100 * r['top1_all']:.1f} | {100 * r['agree_heldout']:.1f} | "
+              f"{_options(r.get('spec', ''))} |")
     if png:
         import matplotlib
 
@@ -119,12 +120,12 @@ def report(rows, png, model_name, nc, total):
 
         os.makedirs(os.path.dirname(png) or ".", exist_ok=True)
         fig, ax = plt.subplots(figsize=(6, 4))
-        combos = sorted({(r["criterion"], r["compensate"]) for r in rows[1:]})
-        for crit, comp in combos:
-            pts = sorted((r for r in rows[1:] if r["criterion"] == crit and r["compensate"] == comp),
-                         key=lambda r: r["gmacs"])
+        combos = sorted({(r["criterion"], r["compensate"], _options(r.get("spec", ""))) for r in rows[1:]})
+        for crit, comp, opt in combos:
+            pts = sorted((r for r in rows[1:] if (r["criterion"], r["compensate"], _options(r.get("spec", "")))
+                          == (crit, comp, opt)), key=lambda r: r["gmacs"])
             ax.plot([r["gmacs"] for r in pts], [100 * r["top1_heldout"] for r in pts], "o-",
-                    label=f"{crit} scores, recovery={comp}")
+                    label=f"{crit}, recovery={comp}, {opt}")
         ax.plot([rows[0]["gmacs"]], [100 * rows[0]["top1_heldout"]], "k*", ms=12, label="unpruned")
         ax.set_xlabel("GMACs per image")
         ax.set_ylabel(f"top-1 % (held-out {total - nc} images)")
@@ -134,6 +135,12 @@ def report(rows, png, model_name, nc, total):
         fig.tight_layout()
         fig.savefig(png, dpi=120)
         print(f"wrote {png}")
+
+
+def _options(spec: str) -> str:
+    """The spec's options other than target_gmacs/criterion/compensate (e.g. mix, sequential)."""
+    opts = spec.partition(":")[2].split(",") if spec else []
+    return ",".join(o for o in opts if o.split("=")[0] not in ("target_gmacs", "criterion", "compensate")) or "-"
 
 
 def merge(paths, png, model_name="deit_tiny_patch16_224", nc=64, total=500):
@@ -150,7 +157,7 @@ def merge(paths, png, model_name="deit_tiny_patch16_224", nc=64, total=500):
                 base = r
             else:
                 rows.append(r)
-    rows.sort(key=lambda r: (r["reduction"], r["criterion"], r["compensate"]))
+    rows.sort(key=lambda r: (r["reduction"], r["criterion"], r["compensate"], r.get("spec", "")))
     report([base] + rows, png, model_name, nc, total)
 
 
