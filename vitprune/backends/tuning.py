@@ -100,6 +100,16 @@ def _progress_thread(path: str, total: int, stop: threading.Event, progress: boo
     bar.close()
 
 
+def _remove_stale(root: str) -> None:
+    """Delete ``<key>.tmp-<pid>`` folders left by tuning processes that died (crash, kill -9)."""
+    import psutil
+
+    for name in os.listdir(root):
+        pid = name.rpartition(".tmp-")[2]
+        if ".tmp-" in name and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
 def read_meta(work_dir: str) -> dict:
     try:
         with open(os.path.join(work_dir, META)) as f:
@@ -180,6 +190,7 @@ def tune(mod, target, trials_per_task: int = DEFAULT_TRIALS_PER_TASK, cache_dir:
     n_tasks = max(1, len(tasks))
     total = trials_per_task * n_tasks
     os.makedirs(root, exist_ok=True)
+    _remove_stale(root)
     tmp = f"{work_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
