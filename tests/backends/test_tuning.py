@@ -15,14 +15,16 @@ from vitprune.ir.capture import export_program
 
 def _mlp(seed):
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 16), torch.nn.ReLU()).eval()
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 16)).eval()
 
 
+@pytest.mark.slow
 def test_tune_then_cache_hit(cache_dir):
+    """~1 min on an idle 2-core machine (worker start-up dominates); 1 task, 1 trial."""
     x = torch.randn(1, 3, 4, 4)
     m = _mlp(0)
     gm = export_program(m, (x,)).module()
-    first = TvmBackend().lower(gm, (x,), tune=True, trials=1, progress=False)
+    first = TvmBackend().lower(gm, (x,), tune=True, trials=1, progress=False, tune_ops=["matmul"])
     tr = first.tuning
     assert not tr.cache_hit and tr.trials >= 1 and tr.work_dir.startswith(str(cache_dir))
     meta = json.load(open(os.path.join(tr.work_dir, "meta.json")))
@@ -37,21 +39,22 @@ def test_tune_then_cache_hit(cache_dir):
     # same shapes, other weights: the cache key ignores weight values -> hit, no new trials
     m2 = _mlp(1)
     t0 = time.time()
-    second = TvmBackend().lower(export_program(m2, (x,)).module(), (x,), tune=True, trials=1, progress=False)
+    second = TvmBackend().lower(export_program(m2, (x,)).module(), (x,), tune=True, trials=1, progress=False,
+                                tune_ops=["matmul"])
     assert second.tuning.cache_hit and second.tuning.work_dir == tr.work_dir and second.tuning.trials == 0
     assert time.time() - t0 < 60
     assert open(os.path.join(tr.work_dir, tuning.RECORDS)).read() == records
     with torch.no_grad():
         assert (second(x) - m2(x)).abs().max().item() < 1e-5
     # compile without tune=True also uses the cache
-    assert TvmBackend().lower(gm, (x,), progress=False).tuning.cache_hit
+    assert TvmBackend().lower(gm, (x,), progress=False, tune_ops=["matmul"]).tuning.cache_hit
 
     # a database from another TVM version: an explicit error when applied, a re-tune warning from tune()
     meta["tvm_version"] = "0.1.0"
     json.dump(meta, open(os.path.join(tr.work_dir, "meta.json"), "w"))
     with pytest.raises(BackendError, match="made with TVM 0.1.0.*re-tune"):
         tuning.check_database(tr.work_dir)
-    assert TvmBackend().lower(gm, (x,), progress=False).tuning is None  # lookup ignores it
+    assert TvmBackend().lower(gm, (x,), progress=False, tune_ops=["matmul"]).tuning is None  # lookup ignores it
 
 
 def test_tuning_rejects_bad_budget_and_foreign_target(cache_dir):

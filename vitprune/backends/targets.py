@@ -15,6 +15,7 @@ from typing import Any, Optional
 from ..errors import BackendError
 
 TARGET_NAMES = ("cpu", "cuda", "arm")
+ALIASES = {"llvm": "cpu", "x86": "cpu", "host": "cpu", "gpu": "cuda", "aarch64": "arm", "arm64": "arm"}
 
 # Compute capabilities NVIDIA has shipped (sm_XY); suffixes a/f are arch-specific feature sets.
 CUDA_ARCHS = {"50", "52", "53", "60", "61", "62", "70", "72", "75", "80", "86", "87", "88", "89", "90",
@@ -81,6 +82,7 @@ def target_spec(name: str = "cpu", **overrides: Any) -> dict:
     Raises:
         BackendError: unknown name or an invalid CUDA arch.
     """
+    name = ALIASES.get(name, name)
     overrides = {k.replace("_", "-") if k in ("num_cores",) else k: v for k, v in overrides.items() if v is not None}
     if name == "cpu":
         spec = {"kind": "llvm", "mcpu": host_mcpu(), "num-cores": default_threads()}

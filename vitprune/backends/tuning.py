@@ -46,7 +46,7 @@ def prepare_for_tuning(mod, target):
                                          relax.get_pipeline("zero")])(mod)
 
 
-def cache_key(tuned_mod, target) -> str:
+def cache_key(tuned_mod, target, op_names: Optional[Sequence[str]] = None) -> str:
     """sha256 (first 16 hex digits) of the target JSON and the workload: the structural hashes of the
     tuning tasks' PrimFuncs (shapes and ops, not weight values, so a re-trained or re-pruned model with
     the same shapes hits the same cache)."""
@@ -60,6 +60,8 @@ def cache_key(tuned_mod, target) -> str:
     h = hashlib.sha256()
     h.update(target_json(target).encode())
     h.update(",".join(hashes).encode())
+    if op_names:  # a partial tune is its own database
+        h.update(("ops:" + ",".join(sorted(op_names))).encode())
     return h.hexdigest()[:16]
 
 
@@ -96,6 +98,16 @@ def _progress_thread(path: str, total: int, stop: threading.Event, progress: boo
     n = _count_lines(path)
     bar.update(max(0, n - done))
     bar.close()
+
+
+def _remove_stale(root: str) -> None:
+    """Delete ``<key>.tmp-<pid>`` folders left by tuning processes that died (crash, kill -9)."""
+    import psutil
+
+    for name in os.listdir(root):
+        pid = name.rpartition(".tmp-")[2]
+        if ".tmp-" in name and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def read_meta(work_dir: str) -> dict:
@@ -163,7 +175,7 @@ def tune(mod, target, trials_per_task: int = DEFAULT_TRIALS_PER_TASK, cache_dir:
                            f"{target_family(target)!r} (tune on the device, or build untuned)")
     t0 = time.time()
     tmod = prepare_for_tuning(mod, target)
-    key = cache_key(tmod, target)
+    key = cache_key(tmod, target, op_names)
     root = os.path.join(cache_dir or cache_root(), "tuning")
     work_dir = os.path.join(root, key)
     meta = read_meta(work_dir)
@@ -178,6 +190,7 @@ def tune(mod, target, trials_per_task: int = DEFAULT_TRIALS_PER_TASK, cache_dir:
     n_tasks = max(1, len(tasks))
     total = trials_per_task * n_tasks
     os.makedirs(root, exist_ok=True)
+    _remove_stale(root)
     tmp = f"{work_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -225,13 +238,14 @@ def apply_database(mod, target, work_dir: str):
                                   cpu_weight_prepack=False)(mod)
 
 
-def lookup(mod, target, cache_dir: Optional[str] = None) -> Optional[TuneResult]:
+def lookup(mod, target, cache_dir: Optional[str] = None,
+           op_names: Optional[Sequence[str]] = None) -> Optional[TuneResult]:
     """The cached tuning of ``mod`` for ``target`` made by this TVM version, or None (no tuning)."""
     import tvm
 
     t0 = time.time()
     tmod = prepare_for_tuning(mod, target)
-    work_dir = os.path.join(cache_dir or cache_root(), "tuning", cache_key(tmod, target))
+    work_dir = os.path.join(cache_dir or cache_root(), "tuning", cache_key(tmod, target, op_names))
     meta = read_meta(work_dir)
     if meta.get("tvm_version") == tvm.__version__ and os.path.exists(os.path.join(work_dir, RECORDS)):
         return TuneResult(work_dir, True, meta.get("num_tasks", 0), 0, time.time() - t0)

@@ -300,7 +300,8 @@ class TvmBackend:
     - ``fast_math``: default True on CPU/ARM, False on CUDA;
     - ``tune``: MetaSchedule-tune (CPU only; from the cache when already tuned); ``trials``: per task
       (default :data:`~vitprune.backends.tuning.DEFAULT_TRIALS_PER_TASK`); ``use_cache``: compile with a
-      cached database when one exists even if ``tune=False`` (default True); ``cache_dir``; ``progress``.
+      cached database when one exists even if ``tune=False`` (default True); ``cache_dir``; ``progress``;
+      ``tune_ops``: tune only tasks whose name contains one of these (e.g. ``["matmul"]``).
     """
 
     name = "tvm"
@@ -309,10 +310,10 @@ class TvmBackend:
               target_options: Optional[dict] = None, arch: Optional[str] = None, mcpu: Optional[str] = None,
               fast_math: Optional[bool] = None, tune: bool = False, trials: Optional[int] = None,
               use_cache: bool = True, cache_dir: Optional[str] = None, progress: bool = True,
-              **options: Any) -> TvmModule:
+              tune_ops: Optional[list] = None, **options: Any) -> TvmModule:
         if options:
             raise BackendError(f"tvm backend: unknown option(s) {sorted(options)}; valid: target, target_options, arch, "
-                               f"mcpu, fast_math, tune, trials, use_cache, cache_dir, progress")
+                               f"mcpu, fast_math, tune, trials, tune_ops, use_cache, cache_dir, progress")
         tgt = self.resolve(target, target_options, arch=arch, mcpu=mcpu)
         family = target_family(tgt)
         if fast_math is None:
@@ -326,9 +327,9 @@ class TvmBackend:
 
             if tune:
                 tuning = tn.tune(mod, tgt, trials_per_task=trials or tn.DEFAULT_TRIALS_PER_TASK,
-                                 cache_dir=cache_dir, progress=progress)
+                                 cache_dir=cache_dir, progress=progress, op_names=tune_ops)
             else:
-                tuning = tn.lookup(mod, tgt, cache_dir=cache_dir)
+                tuning = tn.lookup(mod, tgt, cache_dir=cache_dir, op_names=tune_ops)
         elif tune:
             raise BackendError(f"tune=True needs target='cpu' (MetaSchedule measures on this machine); got {family!r}")
         ex = build(mod, tgt, tuning.work_dir if tuning else None)
