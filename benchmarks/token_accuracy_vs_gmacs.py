@@ -1,8 +1,11 @@
 """Accuracy vs GMACs of token pruning / merging on a folder of real images.
 
-Compares, at the same GMACs budgets, Zero-TPrune (WPR importance), CLS-attention top-k
-(``importance=cls``), random dropping (``importance=random``) and ToMe, by top-1 and top-1
-agreement with the unpruned model. Prints a markdown table and writes a PNG plot.
+Compares, at the same GMACs budgets, Zero-TPrune (WPR importance; the default merge variant and
+the paper's dropping, ``mode=prune``), CLS-attention top-k (``importance=cls``), random dropping
+(``importance=random``) and ToMe, by top-1 and top-1 agreement with the unpruned model. Every
+pass is compiled with ``target_gmacs`` (GMACs measured on the pruned graph, pruning-layer work
+included). Prints a markdown table and writes a PNG plot. Ad-hoc variants (ablations) are
+added with ``--method NAME=SPEC`` where SPEC contains ``{g}`` for the budget.
 
     PYTHONPATH=. python benchmarks/token_accuracy_vs_gmacs.py \
         --weights ../shared/models/deit_tiny_patch16_224.safetensors \
@@ -25,6 +28,7 @@ from vitprune.models import eval_transform, load_model
 
 METHODS = {
     "zero-tprune": "zero-tprune:target_gmacs={g}",
+    "zero-tprune (prune)": "zero-tprune:target_gmacs={g},mode=prune",
     "cls-attention top-k": "zero-tprune:target_gmacs={g},importance=cls",
     "random drop": "zero-tprune:target_gmacs={g},importance=random",
     "tome": "tome:target_gmacs={g}",
@@ -43,12 +47,20 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data/imagenet-sample")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.96, 0.85, 0.75])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--method", action="append", default=[], metavar="NAME=SPEC",
+                    help="extra method, e.g. 'ztp-6=zero-tprune:target_gmacs={g},prune_blocks=2;4;6;8;9;10'")
     ap.add_argument("--limit", type=int, help="first N images only")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--out", default="docs/accuracy_vs_gmacs.png")
     ap.add_argument("--json", help="write the rows as JSON")
     args = ap.parse_args()
+    methods = {name: METHODS[name] for name in args.methods}
+    for item in args.method:
+        name, sep, spec = item.partition("=")
+        if not sep or "{g}" not in spec:
+            ap.error(f"--method {item!r}: expected NAME=SPEC with {{g}} in SPEC for the budget")
+        methods[name] = spec
     torch.set_num_threads(args.threads)
 
     model = load_model(args.model, args.weights)
@@ -63,8 +75,8 @@ def main() -> None:
     base = vitprune.compile(model, [], example_inputs=batches[0][:2], progress=False).report.gmacs_before
     rows = [{"method": "unpruned", "spec": "-", "gmacs": base, "top1": base_top1, "agreement": 100.0}]
     for g in args.budgets:
-        for name in args.methods:
-            spec = METHODS[name].format(g=g)
+        for name, template in methods.items():
+            spec = template.format(g=g)
             t0 = time.time()
             try:
                 c = vitprune.compile(model, [spec], example_inputs=batches[0][:2], progress=False)
@@ -98,9 +110,12 @@ def plot(rows: list, base_top1: float, base_gmacs: float, out: str, title: str) 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    markers = {"zero-tprune": "o-", "cls-attention top-k": "s--", "random drop": "x:", "tome": "^-."}
+    styles = {"zero-tprune": "o-", "zero-tprune (prune)": "D-", "cls-attention top-k": "s--",
+              "random drop": "x:", "tome": "^-."}
+    names = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "unpruned"))
     for ax, key, ylabel in ((axes[0], "top1", "top-1 (%)"), (axes[1], "agreement", "top-1 agreement with unpruned (%)")):
-        for name, style in markers.items():
+        for name in names:
+            style = styles.get(name, "v-")
             pts = sorted((r["gmacs"], r[key]) for r in rows if r["method"] == name and "error" not in r)
             if pts:
                 ax.plot(*zip(*pts), style, label=name, markersize=7)

@@ -29,6 +29,7 @@ from torch.fx import GraphModule, Node
 from ..calibration import grab, iter_batches
 from ..ir.match import VIEW_OPS, find_attention_sites
 from ..ir.sites import AttentionSite
+from ..ir.width_repair import repair_widths
 from ..ops.lstsq import LinearStats, greedy_lsq_select, reconstruction_error, refit
 from ..ops.snp_scores import activation_scores, qk_pair_scores, redundancy_scores, top_indices
 from .snp_surgery import prune_attention, prune_mlp, qkv_head_weights, value_head_dim
@@ -143,6 +144,8 @@ def prune_blocks(gm: GraphModule, calibration: torch.Tensor, plans: list[BlockPl
             rec.update(_prune_attention_block(stream, so, sw, plan, opts))
             work.graph.eliminate_dead_code()
             work.recompile()
+            # readers of q/k/v outside attention (e.g. Zero-TPrune's S-stage key features)
+            repair_widths(work, stream.batches[0][:1], {H * d, H * dv})
         if mlp:
             rec.update(_prune_mlp_block(stream, so, sw, plan, opts))
             work.graph.eliminate_dead_code()

@@ -48,7 +48,7 @@ Merge variant (``mode="merge"``, the default; ``mode="prune"`` is the paper's dr
     before softmax, as in ToMe). Tokens the I-stage removes are still dropped. Counting adds
     ``N·r_S·(C+1)`` MACs per layer for the merge matmuls. Not in the paper (ALGORITHMS.md
     §1b Step 4: the paper drops); on real DeiT-T it halves the KL divergence to the unpruned
-    model at the same GMACs (benchmarks/zero_tprune_accuracy.py) and is what meets the
+    model at the same GMACs (benchmarks/token_accuracy_vs_gmacs.py) and is what meets the
     accuracy targets, so it is the default. With ``importance="cls"|"random"`` there is no
     S-stage, so nothing is merged and both modes are the same.
 
@@ -499,7 +499,7 @@ def default_prune_blocks(depth: int, n_layers: Optional[int] = None) -> list[int
     """Default pruning layers: ``n_layers`` (default 3) evenly spaced, the first after a quarter
     of the depth: 0-based ``[3, 6, 9]`` (after blocks 4/7/10, 1-based) for 12 blocks.
 
-    Chosen on the first 250 sample images with real DeiT-T (benchmarks/zero_tprune_accuracy.py):
+    Chosen on the first 250 sample images with real DeiT-T (benchmarks/token_accuracy_vs_gmacs.py):
     at 0.85 GMACs, [3, 6, 9] gave a lower KL divergence to the unpruned model (0.057) than the
     prototype's [2, 5, 8] (0.062), [3, 5, 7, 9] (0.072), every block 1..10 (0.069) or
     [4, 7, 10] (0.101): prune late enough that attention is informative, early enough not to
