@@ -114,6 +114,22 @@ class LayerPlan:
 
 
 @dataclass
+class BlockDims:
+    """Widths of one block (they differ between blocks after SNP): heads, q/k and value width per
+    head, MLP hidden."""
+
+    heads: int
+    qk: int
+    v: int
+    mlp_hidden: int
+
+    @classmethod
+    def from_site(cls, s: AttentionSite) -> "BlockDims":
+        hidden = s.fc1.out_features if s.fc1 is not None else 4 * s.embed_dim
+        return cls(heads=s.num_heads, qk=s.head_dim, v=int(s.v.meta["val"].shape[-1]), mlp_hidden=hidden)
+
+
+@dataclass
 class ModelInfo:
     """Dimensions of a captured ViT needed to plan a schedule and count its GMACs."""
 
@@ -125,21 +141,30 @@ class ModelInfo:
     head_dim: int
     mlp_hidden: int
     dense_gmacs: float
+    blocks: list[BlockDims] = field(default_factory=list)
 
     @classmethod
     def from_graph(cls, gm: GraphModule, sites: Optional[list[AttentionSite]] = None,
                    image_shape=(3, 224, 224)) -> "ModelInfo":
         sites = sites if sites is not None else find_attention_sites(gm)
         s0 = sites[0]
-        hidden = s0.fc1.out_features if s0.fc1 is not None else 4 * s0.embed_dim
+        dims = [BlockDims.from_site(s) for s in sites]
         return cls(depth=len(sites), tokens=s0.num_tokens, prefix=s0.num_prefix_tokens, embed_dim=s0.embed_dim,
-                   heads=s0.num_heads, head_dim=s0.head_dim, mlp_hidden=hidden,
-                   dense_gmacs=measure_gmacs(gm, image_shape))
+                   heads=s0.num_heads, head_dim=s0.head_dim, mlp_hidden=dims[0].mlp_hidden,
+                   dense_gmacs=measure_gmacs(gm, image_shape), blocks=dims)
 
-    def block_macs(self, n: int) -> int:
-        """MACs of one block on ``n`` tokens: qkv, attention (q@k^T, p@v), proj, MLP."""
-        hd = self.heads * self.head_dim
-        return n * self.embed_dim * 3 * hd + 2 * n * n * hd + n * hd * self.embed_dim + 2 * n * self.embed_dim * self.mlp_hidden
+    def dims(self, block: int) -> BlockDims:
+        """Widths of ``block`` (the first block's widths for every block if unknown)."""
+        if block < len(self.blocks):
+            return self.blocks[block]
+        return BlockDims(self.heads, self.head_dim, self.head_dim, self.mlp_hidden)
+
+    def block_macs(self, n: int, block: int = 0) -> int:
+        """MACs of ``block`` on ``n`` tokens: q/k/v projections ``N·D·H·(2 d_qk + d_v)``, attention
+        ``N²·H·(d_qk + d_v)``, proj ``N·H·d_v·D``, MLP ``2·N·D·M``."""
+        b, dim = self.dims(block), self.embed_dim
+        qk, v = b.heads * b.qk, b.heads * b.v
+        return n * dim * (2 * qk + v) + n * n * (qk + v) + n * v * dim + 2 * n * dim * b.mlp_hidden
 
 
 @register_pass("zero-tprune")
@@ -301,18 +326,20 @@ class ZeroTPrune(Pass):
         """GMACs per image of the pruned model, pruning-layer work included."""
         extra = 0
         total = info.dense_gmacs * 1e9
-        delta = sum(info.block_macs(info.tokens) - info.block_macs(n) for n in tokens_per_block(info, plans))
+        delta = sum(info.block_macs(info.tokens, i) - info.block_macs(n, i)
+                    for i, n in enumerate(tokens_per_block(info, plans)))
         for lp in plans:
             if lp.n_out == lp.n_in or self.importance != "wpr":
                 continue
+            b = info.dims(lp.block)
             if lp.r_s > 0:
-                extra += wpr_macs(info.heads, lp.n_in, 1)
+                extra += wpr_macs(b.heads, lp.n_in, 1)
                 if self.mode == "merge":                          # one-hot merge matmuls (x and size)
                     extra += lp.n_in * lp.r_s * (info.embed_dim + 1)
-                fdim = info.heads * info.head_dim if self.feature == "concat" else info.head_dim
+                fdim = b.heads * b.qk if self.feature == "concat" else b.qk
                 extra += s_stage_macs(lp.n_in, info.prefix, fdim)
             if lp.r_i > 0:
-                extra += wpr_macs(info.heads, lp.n_after_s, lp.iters)
+                extra += wpr_macs(b.heads, lp.n_after_s, lp.iters)
         return (total - delta + extra) / 1e9
 
     def _target(self, info: ModelInfo) -> float:
