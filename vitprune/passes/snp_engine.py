@@ -48,7 +48,7 @@ class BlockPlan:
 
 @dataclass
 class EngineOptions:
-    criterion: str = "snp"  # "snp" | "activation"
+    criterion: str = "snp"  # "snp" | "activation" | "lsq" | "fisher"
     compensate: bool = True
     sequential: bool = True
     ridge: float = 1e-3
@@ -57,6 +57,9 @@ class EngineOptions:
     batch_size: int = 16
     progress: bool = False
     head_criterion: str = "qk"  # head scores: mean q-k pair score
+    #: per-block Fisher scores (:class:`vitprune.passes.snp_sensitivity.BlockScores`), needed by
+    #: ``criterion="fisher"`` (heads, q-k pairs, value and fc1 neurons chosen by Fisher information)
+    scores: Optional[list] = None
 
 
 def _direct_residual(site: AttentionSite, lin: Node, res: Node) -> bool:
@@ -199,7 +202,8 @@ def _prune_attention_block(stream, so, sw, plan, opts) -> dict:
     H, d, dv = sw.num_heads, sw.head_dim, value_head_dim(sw)
     pair_sum = torch.zeros(H, d, dtype=torch.float64)
     stats = LinearStats.zeros(H * dv, sw.proj.out_features)
-    need_qk = plan.qk < d or plan.heads < H
+    fisher = opts.scores[sw.block_index] if opts.criterion == "fisher" else None
+    need_qk = (plan.qk < d or plan.heads < H) and fisher is None
     for i in range(len(stream.batches)):
         x, t, vw, vo = _targets(stream, i, so, sw, so.proj.node, sw.proj.node, so.attn_residual, sw.attn_residual,
                                 sw.proj.node.args[0], so.proj.node.args[0],
@@ -210,15 +214,18 @@ def _prune_attention_block(stream, so, sw, plan, opts) -> dict:
             pair_sum += qk_pair_scores(q, k, opts.gamma_energy, opts.gamma_cap).sum(0)
         stats.add(x, t)
     # --- choose heads, q-k pairs, value neurons
-    hs = pair_sum.mean(-1)
+    pair = fisher.qk if fisher is not None else pair_sum
+    hs = fisher.head if fisher is not None else pair_sum.mean(-1)
     heads = top_indices(hs, plan.heads) if plan.heads < H else list(range(H))
-    qk_keep = [top_indices(pair_sum[h], plan.qk) for h in heads]
+    qk_keep = [top_indices(pair[h], plan.qk) for h in heads]
     w_proj = sw.proj.weight_tensor(work).detach()
     if opts.criterion == "lsq":
         sel = greedy_lsq_select(stats, [list(range(h * dv, (h + 1) * dv)) for h in heads], plan.v, opts.ridge)
         v_keep = [[c - h * dv for c in g] for h, g in zip(heads, sel)]
     else:
-        if opts.criterion == "activation":
+        if fisher is not None:
+            vs = fisher.v
+        elif opts.criterion == "activation":
             vs = activation_scores(stats.gram_diag, w_proj).reshape(H, dv)
         else:
             vs = redundancy_scores(qkv_head_weights(work, sw)[2][0])
@@ -250,7 +257,9 @@ def _prune_mlp_block(stream, so, sw, plan, opts) -> dict:
     if opts.criterion == "lsq":
         keep = greedy_lsq_select(stats, [list(range(m))], plan.mlp, opts.ridge)[0]
     else:
-        if opts.criterion == "activation":
+        if opts.criterion == "fisher":
+            sc = opts.scores[sw.block_index].fc1
+        elif opts.criterion == "activation":
             sc = activation_scores(stats.gram_diag, w2)
         else:
             sc = redundancy_scores(sw.fc1.weight_tensor(work).detach()[None])[0]

@@ -1,0 +1,70 @@
+"""Per-structure Fisher sensitivities of every attention block (Kwon et al. 2022 §4.1), for the
+global allocation of :mod:`vitprune.passes.snp_allocation` and the ``fisher`` criterion of SNP.
+
+Masks of ones are put (per image) on:
+
+* the per-head queries ``q`` ``[B, H, N, d]``: masking query neuron ``n`` of head ``h`` scales
+  the rank-1 logit term ``q_n k_n^T`` exactly like removing the q-k pair would zero it, so its
+  mask is the q-k pair mask;
+* the input of ``proj`` ``[B, N, H·d_v]``: value neuron ``(h, i)`` (``attn @ v`` is linear in
+  ``v``), and, summed over the head's ``d_v`` columns before squaring, head ``h``;
+* the input of ``fc2`` ``[B, N, M]``: fc1 neuron ``j``.
+
+The loss is the cross-entropy against the original model's top-1 prediction (no labels; see
+:mod:`vitprune.ops.fisher`). Scores are on the ORIGINAL model, computed once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch.fx import GraphModule
+
+from ..ir.sites import AttentionSite
+from ..ops.fisher import fisher_from_gradients, mask_gradients
+from .snp_surgery import value_head_dim
+
+
+@dataclass
+class BlockScores:
+    """Fisher information of the mask variables of one block (float64, higher = keep):
+    ``qk`` ``[H, d]`` q-k pairs, ``v`` ``[H, d_v]`` value neurons, ``head`` ``[H]``,
+    ``fc1`` ``[M]`` MLP hidden neurons (None without an MLP)."""
+
+    qk: torch.Tensor
+    v: torch.Tensor
+    head: torch.Tensor
+    fc1: Optional[torch.Tensor]
+
+
+def block_fisher_scores(gm: GraphModule, sites: Sequence[AttentionSite], images: torch.Tensor,
+                        batch_size: int = 16, progress: bool = False) -> list[BlockScores]:
+    """Fisher scores of every block's structures on ``images`` ``[n, 3, H, W]`` (one forward
+    and backward pass per batch; only ``[H, d]``-sized sums are kept)."""
+    masked = {}
+    for s in sites:
+        masked[s.q] = 2
+        masked[s.proj.node.args[0]] = 1
+        if s.fc2 is not None:
+            masked[s.fc2.node.args[0]] = 1
+    acc = [dict(qk=0.0, v=0.0, head=0.0, fc1=0.0) for _ in sites]
+    starts = range(0, images.shape[0], batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="fisher scores", leave=False)
+    for st in starts:
+        g, _ = mask_gradients(gm, images[st:st + batch_size], masked)
+        for a, s in zip(acc, sites):
+            H, dv = s.num_heads, value_head_dim(s)
+            gq = g[s.q]  # [B, H, d]
+            gv = g[s.proj.node.args[0]].reshape(-1, H, dv)  # [B, H, d_v]
+            a["qk"] = a["qk"] + fisher_from_gradients(gq)
+            a["v"] = a["v"] + fisher_from_gradients(gv)
+            a["head"] = a["head"] + fisher_from_gradients(gv.sum(-1))
+            if s.fc2 is not None:
+                a["fc1"] = a["fc1"] + fisher_from_gradients(g[s.fc2.node.args[0]])
+    return [BlockScores(qk=a["qk"], v=a["v"], head=a["head"], fc1=a["fc1"] if s.fc2 is not None else None)
+            for a, s in zip(acc, sites)]
