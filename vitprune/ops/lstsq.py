@@ -5,8 +5,12 @@ Statistics are accumulated over calibration tokens (bounded memory, no activatio
 ``[tokens, M]`` is the layer input and ``T`` ``[tokens, D]`` the target output.
 
 Refit (ridge, ``lambda = ridge * mean(diag A_SS)``) for kept inputs ``S``:
-``[W'^T; b'] = (A_SS + lambda I)^-1 C_S``, with the bias row never regularised
-(issue 4 item 5; Kwon et al. 2022 "least-squares mask tuning" uses the same normal equations).
+``[W'^T; b'] = (A_SS + lambda I)^-1 (C_S + lambda [W0^T; 0])``, with the bias row never
+regularised. ``W0`` (the prior) is 0 for plain ridge or the original weights of the kept
+inputs: the fit is then shrunk towards "no recovery" instead of towards zero, and large
+``lambda`` reproduces the sliced layer (issue 4 item 5; Kwon et al. 2022 "least-squares mask
+tuning" uses the same normal equations). :func:`cv_ridge` picks ``lambda`` by two-fold
+cross-validation over calibration images.
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ class LinearStats:
         self.tt += float((t.double() * t.double()).sum())
         self.count += x.shape[0]
 
+    def __add__(self, other: "LinearStats") -> "LinearStats":
+        return LinearStats(self.A + other.A, self.C + other.C, self.tt + other.tt, self.count + other.count)
+
     @property
     def gram_diag(self) -> torch.Tensor:
         """``[M]`` sums of squared inputs."""
@@ -70,23 +77,59 @@ def reconstruction_error(stats: LinearStats, keep: Sequence[int], weight: torch.
     return max(err, 0.0) / max(stats.tt, 1e-30)
 
 
-def refit(stats: LinearStats, keep: Sequence[int], ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+def refit(stats: LinearStats, keep: Sequence[int], ridge: float = 1e-3,
+          prior: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Ridge least-squares weights for the kept inputs.
+
+    Args:
+        prior: ``[D, |S|]`` weights to shrink towards (the original layer's kept columns);
+            None shrinks towards 0.
 
     Returns:
         ``weight`` ``[D, |S|]`` and ``bias`` ``[D]`` (float32) minimising
-        ``||X_S W^T + b - T||^2 + lambda ||W||^2``.
+        ``||X_S W^T + b - T||^2 + lambda ||W - prior||^2``.
     """
     m = stats.A.shape[0] - 1
     idx = _rows(keep, m)
     a = stats.A[idx][:, idx].clone()
-    c = stats.C[idx]
-    lam = ridge * float(a.diagonal()[:-1].mean()) if len(idx) > 1 else 0.0
+    c = stats.C[idx].clone()
+    lam = ridge * float(a.diagonal()[:-1].mean().clamp_min(1e-30)) if len(idx) > 1 else 0.0
     reg = torch.full((len(idx),), lam, dtype=torch.float64)
     reg[-1] = 0.0
     a += torch.diag(reg)
+    if prior is not None:
+        c[:-1] += lam * prior.detach().double().T
     sol = torch.linalg.solve(a, c)  # [|S|+1, D]
     return sol[:-1].T.float().contiguous(), sol[-1].float().contiguous()
+
+
+#: relative ridge strengths tried by :func:`cv_ridge` (1e3: practically the sliced layer)
+RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 1e3)
+
+
+def cv_ridge(folds: Sequence[LinearStats], keep: Sequence[int], prior: Optional[torch.Tensor],
+             grid: Sequence[float] = RIDGE_GRID) -> float:
+    """The ridge strength of ``grid`` with the lowest two-fold cross-validated error.
+
+    Args:
+        folds: statistics of two disjoint halves of the calibration images.
+        keep, prior: as in :func:`refit`.
+
+    Returns:
+        the chosen relative ridge (fit on one fold, error on the other, summed both ways;
+        ties to the smaller value).
+    """
+    if len(folds) != 2:
+        raise ValueError(f"cv_ridge needs 2 folds, got {len(folds)}")
+    best, best_err = grid[0], float("inf")
+    for lam in grid:
+        err = 0.0
+        for fit, val in ((folds[0], folds[1]), (folds[1], folds[0])):
+            w, b = refit(fit, keep, lam, prior)
+            err += reconstruction_error(val, keep, w, b) * max(val.tt, 1e-30)
+        if err < best_err - 1e-12 * abs(best_err if best_err != float("inf") else 0.0):
+            best, best_err = lam, err
+    return best
 
 
 def greedy_lsq_select(stats: LinearStats, groups: Sequence[Sequence[int]], keep_per_group: int,

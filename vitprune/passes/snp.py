@@ -89,7 +89,11 @@ class SNP(Pass):
         calib: image folder for calibration (else ``compile(calibration=...)``).
         calib_images: number of calibration images (default 64).
         round_to: round kept widths to multiples of this (8 for GPUs, §2g pitfall 6).
-        ridge: relative ridge strength of the refit.
+        ridge: relative ridge strength of the refit; None: chosen per layer from
+            ``1e-3 .. 1e3`` by two-fold cross-validation over the calibration images
+            (:func:`vitprune.ops.lstsq.cv_ridge`).
+        shrink: the refit is shrunk towards ``zero`` (plain ridge) or the ``original`` weights of
+            the kept inputs (a large ridge then means "no recovery").
 
     Raises:
         InvalidPassConfigError: ratio outside [0, 1), a ratio leaving 0 neurons in a head,
@@ -111,7 +115,8 @@ class SNP(Pass):
     calib: Optional[str] = None
     calib_images: int = 64
     round_to: int = 1
-    ridge: float = 1e-3
+    ridge: Optional[float] = 1e-3
+    shrink: str = "zero"
     batch_size: int = 16
     mix: Optional[list[float]] = None
 
@@ -136,8 +141,10 @@ class SNP(Pass):
             raise InvalidPassConfigError(f"snp: round_to={self.round_to} must be >= 1")
         if self.mix is not None and (len(self.mix) != 3 or any(w < 0 for w in self.mix)):
             raise InvalidPassConfigError(f"snp: mix={self.mix} must be 3 non-negative weights for q-k, v, fc1")
-        if self.ridge < 0:
-            raise InvalidPassConfigError(f"snp: ridge={self.ridge} must be >= 0")
+        if self.ridge is not None and self.ridge < 0:
+            raise InvalidPassConfigError(f"snp: ridge={self.ridge} must be >= 0 (or none: cross-validated)")
+        if self.shrink not in ("zero", "original"):
+            raise InvalidPassConfigError(f"snp: shrink='{self.shrink}' is not one of zero, original")
         given = [n for n in ("preset", "ratio", "target_gmacs") if getattr(self, n) is not None]
         if len(given) > 1:
             raise InvalidPassConfigError(f"snp: give only one of preset, ratio, target_gmacs (got {', '.join(given)})")
@@ -242,7 +249,7 @@ class SNP(Pass):
 
     def engine_options(self, ctx: PassContext) -> EngineOptions:
         return EngineOptions(criterion=self.criterion, compensate=self.compensate, sequential=self.sequential,
-                             ridge=self.ridge, batch_size=self.batch_size, progress=ctx.progress)
+                             ridge=self.ridge, shrink=self.shrink, batch_size=self.batch_size, progress=ctx.progress)
 
     def fisher_scores(self, gm: GraphModule, sites: list[AttentionSite], calib: torch.Tensor,
                       ctx: PassContext) -> Optional[list]:

@@ -29,7 +29,7 @@ from torch.fx import GraphModule, Node
 from ..calibration import grab, iter_batches
 from ..ir.match import VIEW_OPS, find_attention_sites
 from ..ir.sites import AttentionSite
-from ..ops.lstsq import LinearStats, greedy_lsq_select, reconstruction_error, refit
+from ..ops.lstsq import LinearStats, cv_ridge, greedy_lsq_select, reconstruction_error, refit
 from ..ops.snp_scores import activation_scores, qk_pair_scores, redundancy_scores, top_indices
 from .snp_surgery import prune_attention, prune_mlp, qkv_head_weights, value_head_dim
 
@@ -51,7 +51,11 @@ class EngineOptions:
     criterion: str = "snp"  # "snp" | "activation" | "lsq" | "fisher"
     compensate: bool = True
     sequential: bool = True
-    ridge: float = 1e-3
+    #: relative ridge of the refit; None: chosen per layer by two-fold cross-validation over
+    #: the calibration images (:func:`vitprune.ops.lstsq.cv_ridge`)
+    ridge: Optional[float] = 1e-3
+    #: what the refit is shrunk towards: "original" (the layer's kept weights) or "zero"
+    shrink: str = "zero"
     gamma_energy: float = 0.9
     gamma_cap: int = 16
     batch_size: int = 16
@@ -201,7 +205,7 @@ def _prune_attention_block(stream, so, sw, plan, opts) -> dict:
     work = stream.work
     H, d, dv = sw.num_heads, sw.head_dim, value_head_dim(sw)
     pair_sum = torch.zeros(H, d, dtype=torch.float64)
-    stats = LinearStats.zeros(H * dv, sw.proj.out_features)
+    folds = [LinearStats.zeros(H * dv, sw.proj.out_features) for _ in range(2)]
     fisher = opts.scores[sw.block_index] if opts.criterion == "fisher" else None
     need_qk = (plan.qk < d or plan.heads < H) and fisher is None
     for i in range(len(stream.batches)):
@@ -212,7 +216,8 @@ def _prune_attention_block(stream, so, sw, plan, opts) -> dict:
         if need_qk:
             q, k = (vw[sw.q], vw[sw.k]) if stream.sequential else (vo[so.q], vo[so.k])
             pair_sum += qk_pair_scores(q, k, opts.gamma_energy, opts.gamma_cap).sum(0)
-        stats.add(x, t)
+        folds[i % 2].add(x, t)
+    stats = folds[0] + folds[1]
     # --- choose heads, q-k pairs, value neurons
     pair = fisher.qk if fisher is not None else pair_sum
     hs = fisher.head if fisher is not None else pair_sum.mean(-1)
@@ -220,7 +225,7 @@ def _prune_attention_block(stream, so, sw, plan, opts) -> dict:
     qk_keep = [top_indices(pair[h], plan.qk) for h in heads]
     w_proj = sw.proj.weight_tensor(work).detach()
     if opts.criterion == "lsq":
-        sel = greedy_lsq_select(stats, [list(range(h * dv, (h + 1) * dv)) for h in heads], plan.v, opts.ridge)
+        sel = greedy_lsq_select(stats, [list(range(h * dv, (h + 1) * dv)) for h in heads], plan.v, _ridge(opts))
         v_keep = [[c - h * dv for c in g] for h, g in zip(heads, sel)]
     else:
         if fisher is not None:
@@ -231,31 +236,49 @@ def _prune_attention_block(stream, so, sw, plan, opts) -> dict:
             vs = redundancy_scores(qkv_head_weights(work, sw)[2][0])
         v_keep = [top_indices(vs[h], plan.v) for h in heads]
     cols = [h * dv + i for h, keep in zip(heads, v_keep) for i in keep]
-    b_proj = sw.proj.bias_tensor(work)
-    err_sliced = reconstruction_error(stats, cols, w_proj[:, cols], b_proj)
-    w_new = b_new = None
-    err = err_sliced
-    if opts.compensate:
-        w_fit, b_fit = refit(stats, cols, opts.ridge)
-        err_fit = reconstruction_error(stats, cols, w_fit, b_fit)
-        if err_fit <= err_sliced:  # recovery never increases the calibration error
-            w_new, b_new, err = w_fit, b_fit, err_fit
+    w_new, b_new, rec = _recover(folds, cols, w_proj[:, cols], sw.proj.bias_tensor(work), opts)
     prune_attention(work, sw, heads, qk_keep, v_keep, w_new, b_new)
-    return {"kept_heads": heads, "attn_err_sliced": err_sliced, "attn_err": err}
+    return {"kept_heads": heads, **{f"attn_{k}": v for k, v in rec.items()}}
+
+
+def _ridge(opts) -> float:
+    return 1e-3 if opts.ridge is None else opts.ridge
+
+
+def _recover(folds, keep, w_sliced, b, opts):
+    """Least-squares recovery of the linear after the kept inputs ``keep``: ``(weight or None,
+    bias or None, record)``; None when recovery is off or would increase the calibration error."""
+    stats = folds[0] + folds[1]
+    err_sliced = reconstruction_error(stats, keep, w_sliced, b)
+    rec = {"err_sliced": err_sliced, "err": err_sliced}
+    if not opts.compensate:
+        return None, None, rec
+    prior = w_sliced if opts.shrink == "original" else None
+    lam = opts.ridge
+    if lam is None:
+        lam = cv_ridge(folds, keep, prior) if folds[0].count and folds[1].count else 1e-3
+    w_fit, b_fit = refit(stats, keep, lam, prior)
+    err_fit = reconstruction_error(stats, keep, w_fit, b_fit)
+    rec["ridge"] = lam
+    if err_fit > err_sliced:  # recovery never increases the calibration error
+        return None, None, rec
+    rec["err"] = err_fit
+    return w_fit, b_fit, rec
 
 
 def _prune_mlp_block(stream, so, sw, plan, opts) -> dict:
     work = stream.work
     m = sw.fc1.out_features
-    stats = LinearStats.zeros(m, sw.fc2.out_features)
+    folds = [LinearStats.zeros(m, sw.fc2.out_features) for _ in range(2)]
     for i in range(len(stream.batches)):
         x, t, _, _ = _targets(stream, i, so, sw, so.fc2.node, sw.fc2.node, so.mlp_residual, sw.mlp_residual,
                               sw.fc2.node.args[0], so.fc2.node.args[0])
-        stats.add(x, t)
+        folds[i % 2].add(x, t)
+    stats = folds[0] + folds[1]
     w2 = sw.fc2.weight_tensor(work).detach()
     b2 = sw.fc2.bias_tensor(work)
     if opts.criterion == "lsq":
-        keep = greedy_lsq_select(stats, [list(range(m))], plan.mlp, opts.ridge)[0]
+        keep = greedy_lsq_select(stats, [list(range(m))], plan.mlp, _ridge(opts))[0]
     else:
         if opts.criterion == "fisher":
             sc = opts.scores[sw.block_index].fc1
@@ -264,13 +287,6 @@ def _prune_mlp_block(stream, so, sw, plan, opts) -> dict:
         else:
             sc = redundancy_scores(sw.fc1.weight_tensor(work).detach()[None])[0]
         keep = top_indices(sc, plan.mlp)
-    err_sliced = reconstruction_error(stats, keep, w2[:, keep], b2)
-    w_new = b_new = None
-    err = err_sliced
-    if opts.compensate:
-        w_fit, b_fit = refit(stats, keep, opts.ridge)
-        err_fit = reconstruction_error(stats, keep, w_fit, b_fit)
-        if err_fit <= err_sliced:
-            w_new, b_new, err = w_fit, b_fit, err_fit
+    w_new, b_new, rec = _recover(folds, keep, w2[:, keep], b2, opts)
     prune_mlp(work, sw, keep, w_new, b_new)
-    return {"mlp_err_sliced": err_sliced, "mlp_err": err}
+    return {f"mlp_{k}": v for k, v in rec.items()}
