@@ -19,7 +19,7 @@ first-order information.
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
 from torch.fx import GraphModule, Node
@@ -36,7 +36,7 @@ def pseudo_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 
 def mask_gradients(gm: GraphModule, x: torch.Tensor, masked: Mapping[Node, int],
-                   labels: Optional[torch.Tensor] = None) -> tuple[dict, torch.Tensor]:
+                   labels: Optional[torch.Tensor] = None, probes: Sequence[Node] = ()) -> tuple[dict, torch.Tensor]:
     """Per-image gradients of the pseudo-label loss w.r.t. multiplicative masks of ones.
 
     Args:
@@ -47,19 +47,23 @@ def mask_gradients(gm: GraphModule, x: torch.Tensor, masked: Mapping[Node, int],
             is shared over: 2 for per-head ``[B, H, N, d]`` queries, 1 for ``[B, N, C]``
             linear inputs), so each image and each channel has its own mask variable.
         labels: ``[B]`` class indices; default: the model's own top-1 prediction on ``x``.
+        probes: nodes whose output gradient ``dL / d out`` (full shape) is wanted too (a zero
+            tensor is added to their output).
 
     Returns:
         ``({node: g [B, ...mask shape without the token axis]}, labels [B])`` with
-        ``g[b] = dL_b / dm`` (float32).
+        ``g[b] = dL_b / dm`` (float32); for probe nodes, ``g = dL / d out``.
 
     Raises:
         ValueError: a masked node is not in ``gm.graph`` or its output is not a tensor.
     """
     names = {n for n in gm.graph.nodes}
-    for n in masked:
+    for n in list(masked) + list(probes):
         if n not in names:
             raise ValueError(f"mask_gradients: node {n} is not in the graph")
     masks: dict = {}
+    zeros: dict = {}
+    probe_set = set(probes)
 
     class _Masking(torch.fx.Interpreter):
         def run_node(self, n):
@@ -72,6 +76,10 @@ def mask_gradients(gm: GraphModule, x: torch.Tensor, masked: Mapping[Node, int],
                 m = torch.ones(shape, dtype=out.dtype, requires_grad=True)
                 masks[n] = m
                 out = out * m
+            if n in probe_set:
+                z = torch.zeros_like(out, requires_grad=True)
+                zeros[n] = z
+                out = out + z
             return out
 
     if labels is None:
@@ -81,6 +89,8 @@ def mask_gradients(gm: GraphModule, x: torch.Tensor, masked: Mapping[Node, int],
         logits = _Masking(gm).run(x)
         loss = pseudo_label_loss(logits, labels)
         nodes = list(masks)
-        grads = torch.autograd.grad(loss, [masks[n] for n in nodes])
+        pnodes = list(zeros)
+        grads = torch.autograd.grad(loss, [masks[n] for n in nodes] + [zeros[n] for n in pnodes])
     out = {n: g.detach().squeeze(masked[n]) for n, g in zip(nodes, grads)}
+    out.update({n: g.detach() for n, g in zip(pnodes, grads[len(nodes):])})
     return out, labels

@@ -35,13 +35,17 @@ class LinearStats:
     def zeros(cls, m: int, d: int) -> "LinearStats":
         return cls(torch.zeros(m + 1, m + 1, dtype=torch.float64), torch.zeros(m + 1, d, dtype=torch.float64))
 
-    def add(self, x: torch.Tensor, t: torch.Tensor) -> None:
-        """Accumulate inputs ``x`` ``[..., M]`` and targets ``t`` ``[..., D]``."""
+    def add(self, x: torch.Tensor, t: torch.Tensor, weight: Optional[torch.Tensor] = None) -> None:
+        """Accumulate inputs ``x`` ``[..., M]`` and targets ``t`` ``[..., D]``, optionally with
+        per-token weights ``weight`` ``[...]`` (weighted least squares)."""
         # products in fp32 per batch (fast), sums across batches in fp64
         dt = torch.float64 if x.dtype == torch.float64 else torch.float32
         x = x.reshape(-1, x.shape[-1]).to(dt)
         t = t.reshape(-1, t.shape[-1]).to(dt)
         xa = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+        if weight is not None:
+            sw = weight.reshape(-1, 1).to(dt).clamp_min(0).sqrt()
+            xa, t = xa * sw, t * sw
         self.A += (xa.T @ xa).double()
         self.C += (xa.T @ t).double()
         self.tt += float((t.double() * t.double()).sum())
@@ -171,3 +175,36 @@ def greedy_lsq_select(stats: LinearStats, groups: Sequence[Sequence[int]], keep_
             alive[j] = False
             g.remove(j)
     return [sorted(g) for g in kept]
+
+
+def refit_scales(stats: LinearStats, keep: Sequence[int], weight: torch.Tensor,
+                 ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares *mask tuning* (Kwon et al. 2022 §4.3): one scale ``m_j`` per kept input
+    and a new bias, the weight columns themselves unchanged.
+
+    Minimises ``||X_S diag(m) W_S^T + 1 b^T - T||^2 + lambda ||m - 1||^2`` (``W_S`` =
+    ``weight`` ``[D, |S|]``, the kept columns of the original layer; ``lambda = ridge *
+    mean(diag G)``) in closed form: with ``G = A_SS * (W_S^T W_S)``, token sums ``s = A_S1``,
+    ``n`` tokens and ``t = sum_tokens T``, the bias is ``b = (t - W_S (s * m)) / n`` and
+    ``(G - diag(s) W_S^T W_S diag(s) / n + lambda I) m = r - s * (W_S^T t) / n + lambda``,
+    ``r_j = W_S[:, j] . C_j``. Only ``|S|`` unknowns: it cannot over-fit the calibration images
+    the way a full refit of ``D x |S|`` weights can.
+
+    Returns:
+        ``weight`` ``[D, |S|]`` (``W_S diag(m)``) and ``bias`` ``[D]`` (float32).
+    """
+    m = stats.A.shape[0] - 1
+    idx = torch.as_tensor(list(keep), dtype=torch.long)
+    w = weight.detach().double()  # [D, S]
+    a = stats.A[idx][:, idx]
+    s = stats.A[idx, m]  # [S]
+    n = float(stats.A[m, m])
+    tsum = stats.C[m]  # [D]
+    wtw = w.T @ w
+    g = a * wtw - torch.outer(s, s) * wtw / n
+    r = (w.T * stats.C[idx]).sum(-1) - s * (w.T @ tsum) / n
+    lam = ridge * float(g.diagonal().mean().clamp_min(1e-30))
+    scale = torch.linalg.solve(g + lam * torch.eye(len(idx), dtype=torch.float64), r + lam)
+    w_new = w * scale[None]
+    b = (tsum - w_new @ s) / n
+    return w_new.float().contiguous(), b.float().contiguous()

@@ -92,6 +92,10 @@ class SNP(Pass):
         ridge: relative ridge strength of the refit; None: chosen per layer from
             ``1e-3 .. 1e3`` by two-fold cross-validation over the calibration images
             (:func:`vitprune.ops.lstsq.cv_ridge`).
+        recovery: ``full`` refits every weight of proj/fc2 (and the bias); ``scale`` fits one
+            scale per kept input and the bias (least-squares mask tuning, Kwon et al. 2022 §4.3).
+        augment: ``flip`` adds the horizontally flipped calibration images (statistics from
+            twice the tokens, same images).
         shrink: the refit is shrunk towards ``zero`` (plain ridge) or the ``original`` weights of
             the kept inputs (a large ridge then means "no recovery").
 
@@ -117,6 +121,9 @@ class SNP(Pass):
     round_to: int = 1
     ridge: Optional[float] = 1e-3
     shrink: str = "zero"
+    token_weight: str = "none"
+    augment: str = "none"
+    recovery: str = "full"
     batch_size: int = 16
     mix: Optional[list[float]] = None
 
@@ -143,6 +150,12 @@ class SNP(Pass):
             raise InvalidPassConfigError(f"snp: mix={self.mix} must be 3 non-negative weights for q-k, v, fc1")
         if self.ridge is not None and self.ridge < 0:
             raise InvalidPassConfigError(f"snp: ridge={self.ridge} must be >= 0 (or none: cross-validated)")
+        if self.recovery not in ("full", "scale"):
+            raise InvalidPassConfigError(f"snp: recovery='{self.recovery}' is not one of full, scale")
+        if self.augment not in ("none", "flip"):
+            raise InvalidPassConfigError(f"snp: augment='{self.augment}' is not one of none, flip")
+        if self.token_weight not in ("none", "ln", "fisher"):
+            raise InvalidPassConfigError(f"snp: token_weight='{self.token_weight}' is not one of none, ln, fisher")
         if self.shrink not in ("zero", "original"):
             raise InvalidPassConfigError(f"snp: shrink='{self.shrink}' is not one of zero, original")
         given = [n for n in ("preset", "ratio", "target_gmacs") if getattr(self, n) is not None]
@@ -249,13 +262,14 @@ class SNP(Pass):
 
     def engine_options(self, ctx: PassContext) -> EngineOptions:
         return EngineOptions(criterion=self.criterion, compensate=self.compensate, sequential=self.sequential,
-                             ridge=self.ridge, shrink=self.shrink, batch_size=self.batch_size, progress=ctx.progress)
+                             ridge=self.ridge, shrink=self.shrink,
+                             token_weight=self.token_weight, recovery=self.recovery, batch_size=self.batch_size, progress=ctx.progress)
 
     def fisher_scores(self, gm: GraphModule, sites: list[AttentionSite], calib: torch.Tensor,
                       ctx: PassContext) -> Optional[list]:
         """Per-block Fisher scores on the calibration images when the allocation or the criterion
         needs them, else None."""
-        if not (self.uses_fisher_allocation() or self.criterion == "fisher"):
+        if not (self.uses_fisher_allocation() or self.criterion == "fisher" or self.token_weight == "fisher"):
             return None
         from .snp_sensitivity import block_fisher_scores
 
@@ -271,6 +285,8 @@ class SNP(Pass):
             rest = total - sum(_plan_macs(s, BlockPlan(s.num_heads, s.head_dim, value_head_dim(s),
                                                        s.fc1.out_features if s.fc1 else 0)) for s in sites) / 1e9
         calib = self.calibration_images(ctx)
+        if self.augment == "flip":  # twice the calibration tokens from the same images
+            calib = torch.cat([calib, calib.flip(-1)])
         scores = self.fisher_scores(gm, sites, calib, ctx)
         plans, embed_keep = self.plans(sites, rest, scores)
         opts = self.engine_options(ctx)

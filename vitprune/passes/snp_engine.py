@@ -29,7 +29,7 @@ from torch.fx import GraphModule, Node
 from ..calibration import grab, iter_batches
 from ..ir.match import VIEW_OPS, find_attention_sites
 from ..ir.sites import AttentionSite
-from ..ops.lstsq import LinearStats, cv_ridge, greedy_lsq_select, reconstruction_error, refit
+from ..ops.lstsq import LinearStats, cv_ridge, greedy_lsq_select, reconstruction_error, refit, refit_scales
 from ..ops.snp_scores import activation_scores, qk_pair_scores, redundancy_scores, top_indices
 from .snp_surgery import prune_attention, prune_mlp, qkv_head_weights, value_head_dim
 
@@ -56,6 +56,13 @@ class EngineOptions:
     ridge: Optional[float] = 1e-3
     #: what the refit is shrunk towards: "original" (the layer's kept weights) or "zero"
     shrink: str = "zero"
+    #: "full": refit all weights of proj/fc2; "scale": one scale per kept input and the bias
+    #: (Kwon et al. 2022 least-squares mask tuning)
+    recovery: str = "full"
+    #: per-token weights of the refit: "none", "ln" (``1 / var`` over channels of the original
+    #: residual stream at that token: the error as the next LayerNorm sees it) or "fisher"
+    #: (``||dL/dh_t||^2`` of the original model, from ``scores``; BRECQ-style)
+    token_weight: str = "none"
     gamma_energy: float = 0.9
     gamma_cap: int = 16
     batch_size: int = 16
@@ -131,6 +138,7 @@ def prune_blocks(gm: GraphModule, calibration: torch.Tensor, plans: list[BlockPl
     sites_o = find_attention_sites(gm)
     sites_w = find_attention_sites(work)
     stream = _Stream(gm, work, calibration, opts.batch_size, opts.sequential)
+    stream.token_weight = opts.token_weight
     records = []
     blocks = range(len(plans))
     if opts.progress:
@@ -196,6 +204,8 @@ def _targets(stream, i, so, sw, lin_o, lin_w, res_o, res_w, x_w, x_o, extra_w=()
         vo = stream.orig(i, [res_o if skip_w is not None else lin_o, *extra_o])
         vw = stream.pruned(i, [x_w] + ([skip_w] if skip_w is not None else []) + list(extra_w))
         t = vo[res_o] - vw[skip_w] if skip_w is not None else vo[lin_o]
+        if getattr(stream, "token_weight", "none") == "ln" and skip_w is not None:
+            vw["_weight"] = 1.0 / vo[res_o].float().var(-1).clamp_min(1e-6)
         return vw[x_w], t, vw, vo
     vo = stream.orig(i, [x_o, lin_o, *extra_o])
     return vo[x_o], vo[lin_o], {}, vo
@@ -216,7 +226,7 @@ def _prune_attention_block(stream, so, sw, plan, opts) -> dict:
         if need_qk:
             q, k = (vw[sw.q], vw[sw.k]) if stream.sequential else (vo[so.q], vo[so.k])
             pair_sum += qk_pair_scores(q, k, opts.gamma_energy, opts.gamma_cap).sum(0)
-        folds[i % 2].add(x, t)
+        folds[i % 2].add(x, t, _weight(stream, opts, sw, i, "attn_tokens", vw))
     stats = folds[0] + folds[1]
     # --- choose heads, q-k pairs, value neurons
     pair = fisher.qk if fisher is not None else pair_sum
@@ -241,6 +251,16 @@ def _prune_attention_block(stream, so, sw, plan, opts) -> dict:
     return {"kept_heads": heads, **{f"attn_{k}": v for k, v in rec.items()}}
 
 
+def _weight(stream, opts, sw, i, key, vw):
+    """Per-token refit weights ``[B, N]`` of calibration batch ``i`` (None: unweighted)."""
+    if opts.token_weight == "fisher" and stream.sequential and opts.scores is not None:
+        w = getattr(opts.scores[sw.block_index], key)
+        if w is not None:
+            bs = stream.batches[0].shape[0]
+            return w[i * bs: i * bs + stream.batches[i].shape[0]]
+    return vw.get("_weight")
+
+
 def _ridge(opts) -> float:
     return 1e-3 if opts.ridge is None else opts.ridge
 
@@ -253,11 +273,15 @@ def _recover(folds, keep, w_sliced, b, opts):
     rec = {"err_sliced": err_sliced, "err": err_sliced}
     if not opts.compensate:
         return None, None, rec
-    prior = w_sliced if opts.shrink == "original" else None
-    lam = opts.ridge
-    if lam is None:
-        lam = cv_ridge(folds, keep, prior) if folds[0].count and folds[1].count else 1e-3
-    w_fit, b_fit = refit(stats, keep, lam, prior)
+    if opts.recovery == "scale":
+        lam = _ridge(opts)
+        w_fit, b_fit = refit_scales(stats, keep, w_sliced, lam)
+    else:
+        prior = w_sliced if opts.shrink == "original" else None
+        lam = opts.ridge
+        if lam is None:
+            lam = cv_ridge(folds, keep, prior) if folds[0].count and folds[1].count else 1e-3
+        w_fit, b_fit = refit(stats, keep, lam, prior)
     err_fit = reconstruction_error(stats, keep, w_fit, b_fit)
     rec["ridge"] = lam
     if err_fit > err_sliced:  # recovery never increases the calibration error
@@ -271,9 +295,9 @@ def _prune_mlp_block(stream, so, sw, plan, opts) -> dict:
     m = sw.fc1.out_features
     folds = [LinearStats.zeros(m, sw.fc2.out_features) for _ in range(2)]
     for i in range(len(stream.batches)):
-        x, t, _, _ = _targets(stream, i, so, sw, so.fc2.node, sw.fc2.node, so.mlp_residual, sw.mlp_residual,
-                              sw.fc2.node.args[0], so.fc2.node.args[0])
-        folds[i % 2].add(x, t)
+        x, t, vw, _ = _targets(stream, i, so, sw, so.fc2.node, sw.fc2.node, so.mlp_residual, sw.mlp_residual,
+                               sw.fc2.node.args[0], so.fc2.node.args[0])
+        folds[i % 2].add(x, t, _weight(stream, opts, sw, i, "mlp_tokens", vw))
     stats = folds[0] + folds[1]
     w2 = sw.fc2.weight_tensor(work).detach()
     b2 = sw.fc2.bias_tensor(work)

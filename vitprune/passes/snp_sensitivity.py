@@ -31,12 +31,17 @@ from .snp_surgery import value_head_dim
 class BlockScores:
     """Fisher information of the mask variables of one block (float64, higher = keep):
     ``qk`` ``[H, d]`` q-k pairs, ``v`` ``[H, d_v]`` value neurons, ``head`` ``[H]``,
-    ``fc1`` ``[M]`` MLP hidden neurons (None without an MLP)."""
+    ``fc1`` ``[M]`` MLP hidden neurons (None without an MLP). ``attn_tokens`` / ``mlp_tokens``
+    ``[n, N]``: per calibration image and token, ``||dL/dh||^2`` of the residual stream after the
+    attention / the MLP, normalised to mean 1 per image (weights of a Fisher-weighted
+    reconstruction, as BRECQ, Li et al. 2021, with one weight per token); None if not computed."""
 
     qk: torch.Tensor
     v: torch.Tensor
     head: torch.Tensor
     fc1: Optional[torch.Tensor]
+    attn_tokens: Optional[torch.Tensor] = None
+    mlp_tokens: Optional[torch.Tensor] = None
 
 
 def block_fisher_scores(gm: GraphModule, sites: Sequence[AttentionSite], images: torch.Tensor,
@@ -49,14 +54,15 @@ def block_fisher_scores(gm: GraphModule, sites: Sequence[AttentionSite], images:
         masked[s.proj.node.args[0]] = 1
         if s.fc2 is not None:
             masked[s.fc2.node.args[0]] = 1
-    acc = [dict(qk=0.0, v=0.0, head=0.0, fc1=0.0) for _ in sites]
+    probes = [s.attn_residual for s in sites] + [s.mlp_residual for s in sites if s.mlp_residual is not None]
+    acc = [dict(qk=0.0, v=0.0, head=0.0, fc1=0.0, attn_tokens=[], mlp_tokens=[]) for _ in sites]
     starts = range(0, images.shape[0], batch_size)
     if progress:
         from tqdm import tqdm
 
         starts = tqdm(starts, desc="fisher scores", leave=False)
     for st in starts:
-        g, _ = mask_gradients(gm, images[st:st + batch_size], masked)
+        g, _ = mask_gradients(gm, images[st:st + batch_size], masked, probes=probes)
         for a, s in zip(acc, sites):
             H, dv = s.num_heads, value_head_dim(s)
             gq = g[s.q]  # [B, H, d]
@@ -66,5 +72,17 @@ def block_fisher_scores(gm: GraphModule, sites: Sequence[AttentionSite], images:
             a["head"] = a["head"] + fisher_from_gradients(gv.sum(-1))
             if s.fc2 is not None:
                 a["fc1"] = a["fc1"] + fisher_from_gradients(g[s.fc2.node.args[0]])
-    return [BlockScores(qk=a["qk"], v=a["v"], head=a["head"], fc1=a["fc1"] if s.fc2 is not None else None)
+            a["attn_tokens"].append(_token_weights(g[s.attn_residual]))
+            if s.mlp_residual is not None:
+                a["mlp_tokens"].append(_token_weights(g[s.mlp_residual]))
+    return [BlockScores(qk=a["qk"], v=a["v"], head=a["head"], fc1=a["fc1"] if s.fc2 is not None else None,
+                        attn_tokens=torch.cat(a["attn_tokens"]),
+                        mlp_tokens=torch.cat(a["mlp_tokens"]) if a["mlp_tokens"] else None)
             for a, s in zip(acc, sites)]
+
+
+def _token_weights(g: torch.Tensor) -> torch.Tensor:
+    """``[B, N, D]`` gradients -> ``[B, N]`` ``||g||^2`` per token, mean 1 per image (batch-first
+    layout assumed, as timm and Hugging Face ViTs)."""
+    w = (g.double() ** 2).sum(-1)
+    return w / w.mean(-1, keepdim=True).clamp_min(1e-30)
