@@ -107,3 +107,35 @@ def test_mask_gradients_bad_node(setup):
     node = next(iter(other.graph.nodes))
     with pytest.raises(ValueError, match="not in the graph"):
         mask_gradients(gm, x, {node: 1})
+
+
+def test_probe_gradients_match_finite_differences(setup):
+    """``probes``: dL/dh of the residual stream after block 0's attention, checked by adding
+    e * (one channel of one token) through a forward hook of the timm module."""
+    m, x, gm = setup
+    s = find_attention_sites(gm)[0]
+    labels = torch.tensor([2, 3, 9])
+    g, _ = mask_gradients(gm, x, {}, labels, probes=[s.attn_residual])
+    gr = g[s.attn_residual]  # [B, N, D]
+    tok, ch, eps = 5, 11, 1e-5
+
+    def loss_with(e):
+        mm = copy.deepcopy(m)
+
+        def hook(mod, inp, out):  # DeiT block: x + attn(...) then + mlp(...): perturb after attention
+            return out
+
+        blk = mm.blocks[0]
+        orig_attn_fwd = blk.attn.forward
+
+        def attn_fwd(*a, **k):
+            out = orig_attn_fwd(*a, **k)
+            # ls1 and drop_path are identities in DeiT: attention output adds straight to the stream
+            d = torch.zeros_like(out)
+            d[:, tok, ch] = e
+            return out + d
+        blk.attn.forward = attn_fwd
+        return _per_image_loss(mm, x, labels)
+
+    fd = (loss_with(eps) - loss_with(-eps)) / (2 * eps)
+    torch.testing.assert_close(gr[:, tok, ch], fd, rtol=1e-4, atol=1e-7)

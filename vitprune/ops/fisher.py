@@ -32,7 +32,9 @@ def fisher_from_gradients(g: torch.Tensor) -> torch.Tensor:
 
 def pseudo_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy ``-sum_b log softmax(logits_b)[labels_b]`` (``[B, C]``, ``[B]``)."""
-    return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+    if logits.dtype != torch.float64:
+        logits = logits.float()
+    return torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
 
 
 def mask_gradients(gm: GraphModule, x: torch.Tensor, masked: Mapping[Node, int],
@@ -45,7 +47,8 @@ def mask_gradients(gm: GraphModule, x: torch.Tensor, masked: Mapping[Node, int],
         masked: ``{node: token_dim}``: the output of ``node`` (shape ``[B, ...]``) is multiplied
             by a mask of ones of the same shape except size 1 on ``token_dim`` (the axis the mask
             is shared over: 2 for per-head ``[B, H, N, d]`` queries, 1 for ``[B, N, C]``
-            linear inputs), so each image and each channel has its own mask variable.
+            linear inputs), so each image and each channel has its own mask variable; None: one
+            mask ``[C]`` for the whole batch (flattened layouts; gradient returned as ``[1, C]``).
         labels: ``[B]`` class indices; default: the model's own top-1 prediction on ``x``.
         probes: nodes whose output gradient ``dL / d out`` (full shape) is wanted too (a zero
             tensor is added to their output).
@@ -72,7 +75,10 @@ def mask_gradients(gm: GraphModule, x: torch.Tensor, masked: Mapping[Node, int],
                 if not isinstance(out, torch.Tensor):
                     raise ValueError(f"mask_gradients: node {n} does not produce a tensor")
                 shape = list(out.shape)
-                shape[masked[n]] = 1
+                if masked[n] is None:  # no separate batch/token axes: one mask for the whole batch
+                    shape = [1] * (len(shape) - 1) + [shape[-1]]
+                else:
+                    shape[masked[n]] = 1
                 m = torch.ones(shape, dtype=out.dtype, requires_grad=True)
                 masks[n] = m
                 out = out * m
@@ -91,6 +97,7 @@ def mask_gradients(gm: GraphModule, x: torch.Tensor, masked: Mapping[Node, int],
         nodes = list(masks)
         pnodes = list(zeros)
         grads = torch.autograd.grad(loss, [masks[n] for n in nodes] + [zeros[n] for n in pnodes])
-    out = {n: g.detach().squeeze(masked[n]) for n, g in zip(nodes, grads)}
+    out = {n: (g.detach().reshape(1, -1) if masked[n] is None else g.detach().squeeze(masked[n]))
+           for n, g in zip(nodes, grads)}
     out.update({n: g.detach() for n, g in zip(pnodes, grads[len(nodes):])})
     return out, labels

@@ -113,14 +113,14 @@ class SNP(Pass):
     embed: float = 0.0
     target_gmacs: Optional[float] = None
     criterion: str = "snp"
-    allocation: str = "uniform"
+    allocation: str = "fisher"
     compensate: bool = True
     sequential: bool = True
     calib: Optional[str] = None
     calib_images: int = 64
     round_to: int = 1
-    ridge: Optional[float] = 1e-3
-    shrink: str = "zero"
+    ridge: Optional[float] = None
+    shrink: str = "original"
     token_weight: str = "none"
     augment: str = "none"
     recovery: str = "full"

@@ -50,11 +50,13 @@ def block_fisher_scores(gm: GraphModule, sites: Sequence[AttentionSite], images:
     and backward pass per batch; only ``[H, d]``-sized sums are kept)."""
     masked = {}
     for s in sites:
-        masked[s.q] = 2
-        masked[s.proj.node.args[0]] = 1
+        masked[s.q] = _token_dim(s.q, s.num_tokens, default=2)
+        masked[s.proj.node.args[0]] = _token_dim(s.proj.node.args[0], s.num_tokens)
         if s.fc2 is not None:
-            masked[s.fc2.node.args[0]] = 1
-    probes = [s.attn_residual for s in sites] + [s.mlp_residual for s in sites if s.mlp_residual is not None]
+            masked[s.fc2.node.args[0]] = _token_dim(s.fc2.node.args[0], s.num_tokens)
+    # per-token weights only for batch-first [B, N, D] residual streams
+    probes = [n for s in sites for n in (s.attn_residual, s.mlp_residual)
+              if n is not None and _token_dim(n, s.num_tokens) == 1]
     acc = [dict(qk=0.0, v=0.0, head=0.0, fc1=0.0, attn_tokens=[], mlp_tokens=[]) for _ in sites]
     starts = range(0, images.shape[0], batch_size)
     if progress:
@@ -72,13 +74,28 @@ def block_fisher_scores(gm: GraphModule, sites: Sequence[AttentionSite], images:
             a["head"] = a["head"] + fisher_from_gradients(gv.sum(-1))
             if s.fc2 is not None:
                 a["fc1"] = a["fc1"] + fisher_from_gradients(g[s.fc2.node.args[0]])
-            a["attn_tokens"].append(_token_weights(g[s.attn_residual]))
-            if s.mlp_residual is not None:
+            if s.attn_residual in g:
+                a["attn_tokens"].append(_token_weights(g[s.attn_residual]))
+            if s.mlp_residual is not None and s.mlp_residual in g:
                 a["mlp_tokens"].append(_token_weights(g[s.mlp_residual]))
     return [BlockScores(qk=a["qk"], v=a["v"], head=a["head"], fc1=a["fc1"] if s.fc2 is not None else None,
-                        attn_tokens=torch.cat(a["attn_tokens"]),
+                        attn_tokens=torch.cat(a["attn_tokens"]) if a["attn_tokens"] else None,
                         mlp_tokens=torch.cat(a["mlp_tokens"]) if a["mlp_tokens"] else None)
             for a, s in zip(acc, sites)]
+
+
+def _token_dim(node, tokens: int, default=None):
+    """The axis of ``node``'s output that holds the ``tokens`` tokens, after a batch axis
+    (``[B, N, C]`` -> 1, ``[N, B, C]`` -> 0, ``[B, H, N, d]`` -> 2); None if the layout has no
+    separate token axis (e.g. flattened ``[N·B, C]``)."""
+    val = node.meta.get("val")
+    if val is None or not hasattr(val, "shape"):
+        return default
+    shape = list(val.shape)
+    for i, sz in enumerate(shape[:-1]):
+        if isinstance(sz, int) and sz == tokens and len(shape) >= 3:
+            return i
+    return None
 
 
 def _token_weights(g: torch.Tensor) -> torch.Tensor:
