@@ -6,6 +6,10 @@ compares SNP's scores and the activation-aware scores, with and without least-sq
 recovery. Prints a markdown table and writes a PNG.
 
     PYTHONPATH=. python benchmarks/snp_accuracy.py --reductions 0.1 0.2 0.3 --png docs/snp_accuracy.png
+
+Images come from the project's loader with the model's eval transform (DeiT: crop 0.875), so the
+unpruned row matches ``vitprune eval``. ``--allocations uniform fisher`` compares the uniform
+per-block ratio with the global Fisher allocation (Kwon et al. 2022 §4.1).
 """
 
 from __future__ import annotations
@@ -18,19 +22,24 @@ import time
 import torch
 
 
-def load_folder(folder: str, transform):
-    """Images ``<synset>_<name>.JPEG`` and labels (line of the synset in synsets.txt)."""
-    from PIL import Image
+def load_folder(folder: str, model, cache: str | None = None):
+    """``(images [N, 3, 224, 224], labels [N])`` in file order with the project's loader and eval
+    transform (:func:`vitprune.models.eval_transform`: DeiT crop 0.875), as ``vitprune eval``."""
+    if cache and os.path.exists(cache):
+        return torch.load(cache)
+    from vitprune.eval.data import ImageFolder, make_loader, warn_skipped
+    from vitprune.models import eval_transform
 
-    synsets = [l.split()[0] for l in open(os.path.join(folder, "synsets.txt")) if l.strip()]
-    index = {s: i for i, s in enumerate(synsets)}
-    files = sorted(f for f in os.listdir(folder) if f.lower().endswith((".jpeg", ".jpg", ".png")))
-    xs, ys = [], []
-    for f in files:
-        with Image.open(os.path.join(folder, f)) as im:
-            xs.append(transform(im.convert("RGB")))
-        ys.append(index[f.split("_")[0]])
-    return torch.stack(xs), torch.tensor(ys)
+    xs, ys, bad = [], [], 0
+    for x, y, b in make_loader(ImageFolder(folder, eval_transform(model))):
+        xs.append(x)
+        ys.append(y)
+        bad += b
+    warn_skipped(bad, folder)
+    out = (torch.cat(xs), torch.cat(ys))
+    if cache:
+        torch.save(out, cache)
+    return out
 
 
 @torch.no_grad()
@@ -47,8 +56,11 @@ def main():
     ap.add_argument("--reductions", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     ap.add_argument("--criteria", nargs="+", default=["snp", "activation"])
     ap.add_argument("--compensate", nargs="+", default=["false", "true"])
+    ap.add_argument("--allocations", nargs="+", default=["uniform", "fisher"],
+                    help="per-block widths: uniform ratio or global Fisher allocation (Kwon et al. 2022)")
+    ap.add_argument("--cache", default=None, help="cache the preprocessed images in this .pt file")
     ap.add_argument("--extra", default="", help="extra snp options, e.g. sequential=false")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--png", default="docs/snp_accuracy.png")
     ap.add_argument("--json", default=None)
     ap.add_argument("--merge", nargs="+", default=None, help="only merge earlier --json/log outputs")
@@ -57,16 +69,11 @@ def main():
         return merge(args.merge, args.png, args.model, args.calib_images)
     torch.set_num_threads(args.threads)
 
-    import safetensors.torch
-    import timm
-
     import vitprune
+    from vitprune.models import load_model
 
-    model = timm.create_model(args.model)
-    model.load_state_dict(safetensors.torch.load_file(args.weights))
-    model.eval()
-    tf = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
-    x, y = load_folder(args.data, tf)
+    model = load_model(args.model, args.weights).eval()
+    x, y = load_folder(args.data, model, args.cache)
     nc = args.calib_images
     calib, xe, ye = x[:nc], x[nc:], y[nc:]
     example = x[:2]
@@ -74,27 +81,32 @@ def main():
     base = vitprune.compile(model, [], example_inputs=example)
     p_all = predict(base, x)
     base_g = base.report.gmacs_before
-    rows = [dict(reduction=0.0, criterion="-", compensate="-", gmacs=base_g,
+    rows = [dict(reduction=0.0, allocation="-", criterion="-", compensate="-", gmacs=base_g,
                  top1_heldout=float((p_all[nc:] == ye).float().mean()), top1_all=float((p_all == y).float().mean()),
-                 agree_heldout=1.0, seconds=0.0)]
+                 top1_calib=float((p_all[:nc] == y[:nc]).float().mean()), agree_heldout=1.0, agree_calib=1.0,
+                 seconds=0.0)]
     print(json.dumps(rows[0]), flush=True)
     print(f"unpruned: {base_g:.3f} GMACs, top-1 held-out {rows[0]['top1_heldout']:.4f} "
           f"({x.shape[0] - nc} images), all {rows[0]['top1_all']:.4f} ({x.shape[0]})", flush=True)
-    for red in args.reductions:
-        for crit in args.criteria:
-            for comp in args.compensate:
-                spec = f"snp:target_gmacs={base_g * (1 - red):.6f},criterion={crit},compensate={comp}"
-                if args.extra:
-                    spec += "," + args.extra
-                t0 = time.time()
-                c = vitprune.compile(model, [spec], example_inputs=example, calibration=calib, progress=False)
-                secs = time.time() - t0
-                p = predict(c, x)
-                row = dict(reduction=red, criterion=crit, compensate=comp, gmacs=c.report.gmacs_after,
-                           top1_heldout=float((p[nc:] == ye).float().mean()), top1_all=float((p == y).float().mean()),
-                           agree_heldout=float((p[nc:] == p_all[nc:]).float().mean()), seconds=secs, spec=spec)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+    combos = [(red, alloc, crit, comp) for red in args.reductions for alloc in args.allocations
+              for crit in args.criteria for comp in args.compensate]
+    from tqdm import tqdm
+
+    for red, alloc, crit, comp in tqdm(combos, desc="snp configs"):
+        spec = f"snp:target_gmacs={base_g * (1 - red):.6f},allocation={alloc},criterion={crit},compensate={comp}"
+        if args.extra:
+            spec += "," + args.extra
+        t0 = time.time()
+        c = vitprune.compile(model, [spec], example_inputs=example, calibration=calib, progress=False)
+        secs = time.time() - t0
+        p = predict(c, x)
+        row = dict(reduction=red, allocation=alloc, criterion=crit, compensate=comp, gmacs=c.report.gmacs_after,
+                   top1_heldout=float((p[nc:] == ye).float().mean()), top1_all=float((p == y).float().mean()),
+                   top1_calib=float((p[:nc] == y[:nc]).float().mean()),
+                   agree_heldout=float((p[nc:] == p_all[nc:]).float().mean()),
+                   agree_calib=float((p[:nc] == p_all[:nc]).float().mean()), seconds=secs, spec=spec)
+        rows.append(row)
+        tqdm.write(json.dumps(row))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
@@ -104,14 +116,15 @@ def main():
 def report(rows, png, model_name, nc, total):
     """Markdown table (drops vs the unpruned row) and a PNG of top-1 vs GMACs."""
     print()
-    print(f"| GMACs reduction | criterion | recovery | GMACs | top-1 held-out ({total - nc}) | drop (pt) | "
-          f"top-1 all ({total}) | agreement | options |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| GMACs reduction | allocation | criterion | recovery | GMACs | top-1 held-out ({total - nc}) | drop (pt) | "
+          f"top-1 all ({total}) | agreement held-out | top-1 / agreement calib ({nc}) | options |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         drop = 100 * (rows[0]["top1_heldout"] - r["top1_heldout"])
-        print(f"| {100 * r['reduction']:.0f} % | {r['criterion']} | {r['compensate']} | {r['gmacs']:.3f} | "
-              f"{100 * r['top1_heldout']:.1f} | {drop:.1f} | {100 * r['top1_all']:.1f} | {100 * r['agree_heldout']:.1f} | "
-              f"{_options(r.get('spec', ''))} |")
+        calib = (f"{100 * r['top1_calib']:.1f} / {100 * r['agree_calib']:.1f}" if "top1_calib" in r else "-")
+        print(f"| {100 * r['reduction']:.0f} % | {r.get('allocation', 'uniform')} | {r['criterion']} | "
+              f"{r['compensate']} | {r['gmacs']:.3f} | {100 * r['top1_heldout']:.1f} | {drop:.1f} | "
+              f"{100 * r['top1_all']:.1f} | {100 * r['agree_heldout']:.1f} | {calib} | {_options(r.get('spec', ''))} |")
     if png:
         import matplotlib
 
@@ -120,18 +133,21 @@ def report(rows, png, model_name, nc, total):
 
         os.makedirs(os.path.dirname(png) or ".", exist_ok=True)
         fig, ax = plt.subplots(figsize=(6, 4))
-        combos = sorted({(r["criterion"], r["compensate"], _options(r.get("spec", ""))) for r in rows[1:]})
-        for crit, comp, opt in combos:
-            pts = sorted((r for r in rows[1:] if (r["criterion"], r["compensate"], _options(r.get("spec", "")))
-                          == (crit, comp, opt)), key=lambda r: r["gmacs"])
-            ax.plot([r["gmacs"] for r in pts], [100 * r["top1_heldout"] for r in pts], "o-",
-                    label=f"{crit}, recovery={comp}, {opt}")
+        def key(r):
+            return (r.get("allocation", "uniform"), r["criterion"], r["compensate"], _options(r.get("spec", "")))
+
+        for k in sorted({key(r) for r in rows[1:]}):
+            pts = sorted((r for r in rows[1:] if key(r) == k), key=lambda r: r["gmacs"])
+            alloc, crit, comp, opt = k
+            ax.plot([r["gmacs"] for r in pts], [100 * r["top1_heldout"] for r in pts],
+                    "o-" if alloc == "fisher" else "s--", label=f"{alloc}, {crit}, recovery={comp}"
+                    + ("" if opt == "-" else f", {opt}"))
         ax.plot([rows[0]["gmacs"]], [100 * rows[0]["top1_heldout"]], "k*", ms=12, label="unpruned")
         ax.set_xlabel("GMACs per image")
         ax.set_ylabel(f"top-1 % (held-out {total - nc} images)")
         ax.set_title(f"SNP zero-shot, {model_name} (calibration: first {nc} images)", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=6)
         fig.tight_layout()
         fig.savefig(png, dpi=120)
         print(f"wrote {png}")
@@ -140,7 +156,8 @@ def report(rows, png, model_name, nc, total):
 def _options(spec: str) -> str:
     """The spec's options other than target_gmacs/criterion/compensate (e.g. mix, sequential)."""
     opts = spec.partition(":")[2].split(",") if spec else []
-    return ",".join(o for o in opts if o.split("=")[0] not in ("target_gmacs", "criterion", "compensate")) or "-"
+    skip = ("target_gmacs", "criterion", "compensate", "allocation")
+    return ",".join(o for o in opts if o.split("=")[0] not in skip) or "-"
 
 
 def merge(paths, png, model_name="deit_tiny_patch16_224", nc=64, total=500):
@@ -157,7 +174,8 @@ def merge(paths, png, model_name="deit_tiny_patch16_224", nc=64, total=500):
                 base = r
             else:
                 rows.append(r)
-    rows.sort(key=lambda r: (r["reduction"], r["criterion"], r["compensate"], r.get("spec", "")))
+    rows.sort(key=lambda r: (r["reduction"], r.get("allocation", "uniform"), r["criterion"], r["compensate"],
+                             r.get("spec", "")))
     report([base] + rows, png, model_name, nc, total)
 
 

@@ -58,7 +58,7 @@ def test_qk_pruned_logits_equal_sum_of_kept_rank1_terms():
 def test_scale_kept_in_pruned_model_output():
     """SDPA after q-k pruning must use 64**-0.5, not d'**-0.5: compare with a manual block."""
     m = tiny(depth=1)
-    c = vitprune.compile(m, ["snp:ratio=0.5,compensate=false"], example_inputs=X, calibration=CAL, progress=False)
+    c = vitprune.compile(m, ["snp:ratio=0.5,compensate=false,allocation=uniform"], example_inputs=X, calibration=CAL, progress=False)
     s = find_attention_sites(c.graph_module)[0]
     assert s.head_dim == 32 and abs(s.scale - 0.125) < 1e-9
 
@@ -126,7 +126,8 @@ def test_hugging_face_separate_qkv_and_head_prune_compose():
     torch.manual_seed(0)
     cfg = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, num_labels=10)
     m = ViTForImageClassification(cfg).eval()
-    for passes in (["snp:ratio=0.25", "head-prune:heads=1"], ["head-prune:heads=1", "snp:ratio=0.25"]):
+    u = "snp:ratio=0.25,allocation=uniform"
+    for passes in ([u, "head-prune:heads=1"], ["head-prune:heads=1", u]):
         c = vitprune.compile(m, passes, example_inputs=X, calibration=CAL, progress=False)
         s = find_attention_sites(c.graph_module)
         assert [x.num_heads for x in s] == [3, 3] and s[0].head_dim == 12
@@ -138,8 +139,13 @@ def test_torchvision_mha():
 
     torch.manual_seed(0)
     m = torchvision.models.VisionTransformer(224, 16, 2, 4, 64, 128, num_classes=10).eval()
-    c = vitprune.compile(m, ["snp:ratio=0.25"], example_inputs=X, calibration=CAL, progress=False)
+    c = vitprune.compile(m, ["snp:ratio=0.25,allocation=uniform"], example_inputs=X, calibration=CAL, progress=False)
     assert find_attention_sites(c.graph_module)[0].head_dim == 12
+    # the Fisher allocation works on the sequence-first layout too
+    f = vitprune.compile(m, ["snp:ratio=0.25,allocation=fisher,criterion=fisher"], example_inputs=X, calibration=CAL,
+                         progress=False)
+    assert f.report.gmacs_after <= c.report.gmacs_after * 1.001
+    assert f(torch.randn(3, 3, 224, 224)).shape == (3, 10)
 
 
 def test_explicit_attention_and_fewer_tokens_later():

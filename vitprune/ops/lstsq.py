@@ -5,8 +5,12 @@ Statistics are accumulated over calibration tokens (bounded memory, no activatio
 ``[tokens, M]`` is the layer input and ``T`` ``[tokens, D]`` the target output.
 
 Refit (ridge, ``lambda = ridge * mean(diag A_SS)``) for kept inputs ``S``:
-``[W'^T; b'] = (A_SS + lambda I)^-1 C_S``, with the bias row never regularised
-(issue 4 item 5; Kwon et al. 2022 "least-squares mask tuning" uses the same normal equations).
+``[W'^T; b'] = (A_SS + lambda I)^-1 (C_S + lambda [W0^T; 0])``, with the bias row never
+regularised. ``W0`` (the prior) is 0 for plain ridge or the original weights of the kept
+inputs: the fit is then shrunk towards "no recovery" instead of towards zero, and large
+``lambda`` reproduces the sliced layer (issue 4 item 5; Kwon et al. 2022 "least-squares mask
+tuning" uses the same normal equations). :func:`cv_ridge` picks ``lambda`` by two-fold
+cross-validation over calibration images.
 """
 
 from __future__ import annotations
@@ -31,17 +35,24 @@ class LinearStats:
     def zeros(cls, m: int, d: int) -> "LinearStats":
         return cls(torch.zeros(m + 1, m + 1, dtype=torch.float64), torch.zeros(m + 1, d, dtype=torch.float64))
 
-    def add(self, x: torch.Tensor, t: torch.Tensor) -> None:
-        """Accumulate inputs ``x`` ``[..., M]`` and targets ``t`` ``[..., D]``."""
+    def add(self, x: torch.Tensor, t: torch.Tensor, weight: Optional[torch.Tensor] = None) -> None:
+        """Accumulate inputs ``x`` ``[..., M]`` and targets ``t`` ``[..., D]``, optionally with
+        per-token weights ``weight`` ``[...]`` (weighted least squares)."""
         # products in fp32 per batch (fast), sums across batches in fp64
         dt = torch.float64 if x.dtype == torch.float64 else torch.float32
         x = x.reshape(-1, x.shape[-1]).to(dt)
         t = t.reshape(-1, t.shape[-1]).to(dt)
         xa = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+        if weight is not None:
+            sw = weight.reshape(-1, 1).to(dt).clamp_min(0).sqrt()
+            xa, t = xa * sw, t * sw
         self.A += (xa.T @ xa).double()
         self.C += (xa.T @ t).double()
         self.tt += float((t.double() * t.double()).sum())
         self.count += x.shape[0]
+
+    def __add__(self, other: "LinearStats") -> "LinearStats":
+        return LinearStats(self.A + other.A, self.C + other.C, self.tt + other.tt, self.count + other.count)
 
     @property
     def gram_diag(self) -> torch.Tensor:
@@ -70,23 +81,59 @@ def reconstruction_error(stats: LinearStats, keep: Sequence[int], weight: torch.
     return max(err, 0.0) / max(stats.tt, 1e-30)
 
 
-def refit(stats: LinearStats, keep: Sequence[int], ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+def refit(stats: LinearStats, keep: Sequence[int], ridge: float = 1e-3,
+          prior: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Ridge least-squares weights for the kept inputs.
+
+    Args:
+        prior: ``[D, |S|]`` weights to shrink towards (the original layer's kept columns);
+            None shrinks towards 0.
 
     Returns:
         ``weight`` ``[D, |S|]`` and ``bias`` ``[D]`` (float32) minimising
-        ``||X_S W^T + b - T||^2 + lambda ||W||^2``.
+        ``||X_S W^T + b - T||^2 + lambda ||W - prior||^2``.
     """
     m = stats.A.shape[0] - 1
     idx = _rows(keep, m)
     a = stats.A[idx][:, idx].clone()
-    c = stats.C[idx]
-    lam = ridge * float(a.diagonal()[:-1].mean()) if len(idx) > 1 else 0.0
+    c = stats.C[idx].clone()
+    lam = ridge * float(a.diagonal()[:-1].mean().clamp_min(1e-30)) if len(idx) > 1 else 0.0
     reg = torch.full((len(idx),), lam, dtype=torch.float64)
     reg[-1] = 0.0
     a += torch.diag(reg)
+    if prior is not None:
+        c[:-1] += lam * prior.detach().double().T
     sol = torch.linalg.solve(a, c)  # [|S|+1, D]
     return sol[:-1].T.float().contiguous(), sol[-1].float().contiguous()
+
+
+#: relative ridge strengths tried by :func:`cv_ridge` (1e3: practically the sliced layer)
+RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 1e3)
+
+
+def cv_ridge(folds: Sequence[LinearStats], keep: Sequence[int], prior: Optional[torch.Tensor],
+             grid: Sequence[float] = RIDGE_GRID) -> float:
+    """The ridge strength of ``grid`` with the lowest two-fold cross-validated error.
+
+    Args:
+        folds: statistics of two disjoint halves of the calibration images.
+        keep, prior: as in :func:`refit`.
+
+    Returns:
+        the chosen relative ridge (fit on one fold, error on the other, summed both ways;
+        ties to the smaller value).
+    """
+    if len(folds) != 2:
+        raise ValueError(f"cv_ridge needs 2 folds, got {len(folds)}")
+    best, best_err = grid[0], float("inf")
+    for lam in grid:
+        err = 0.0
+        for fit, val in ((folds[0], folds[1]), (folds[1], folds[0])):
+            w, b = refit(fit, keep, lam, prior)
+            err += reconstruction_error(val, keep, w, b) * max(val.tt, 1e-30)
+        if err < best_err - 1e-12 * abs(best_err if best_err != float("inf") else 0.0):
+            best, best_err = lam, err
+    return best
 
 
 def greedy_lsq_select(stats: LinearStats, groups: Sequence[Sequence[int]], keep_per_group: int,
@@ -128,3 +175,36 @@ def greedy_lsq_select(stats: LinearStats, groups: Sequence[Sequence[int]], keep_
             alive[j] = False
             g.remove(j)
     return [sorted(g) for g in kept]
+
+
+def refit_scales(stats: LinearStats, keep: Sequence[int], weight: torch.Tensor,
+                 ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares *mask tuning* (Kwon et al. 2022 §4.3): one scale ``m_j`` per kept input
+    and a new bias, the weight columns themselves unchanged.
+
+    Minimises ``||X_S diag(m) W_S^T + 1 b^T - T||^2 + lambda ||m - 1||^2`` (``W_S`` =
+    ``weight`` ``[D, |S|]``, the kept columns of the original layer; ``lambda = ridge *
+    mean(diag G)``) in closed form: with ``G = A_SS * (W_S^T W_S)``, token sums ``s = A_S1``,
+    ``n`` tokens and ``t = sum_tokens T``, the bias is ``b = (t - W_S (s * m)) / n`` and
+    ``(G - diag(s) W_S^T W_S diag(s) / n + lambda I) m = r - s * (W_S^T t) / n + lambda``,
+    ``r_j = W_S[:, j] . C_j``. Only ``|S|`` unknowns: it cannot over-fit the calibration images
+    the way a full refit of ``D x |S|`` weights can.
+
+    Returns:
+        ``weight`` ``[D, |S|]`` (``W_S diag(m)``) and ``bias`` ``[D]`` (float32).
+    """
+    m = stats.A.shape[0] - 1
+    idx = torch.as_tensor(list(keep), dtype=torch.long)
+    w = weight.detach().double()  # [D, S]
+    a = stats.A[idx][:, idx]
+    s = stats.A[idx, m]  # [S]
+    n = float(stats.A[m, m])
+    tsum = stats.C[m]  # [D]
+    wtw = w.T @ w
+    g = a * wtw - torch.outer(s, s) * wtw / n
+    r = (w.T * stats.C[idx]).sum(-1) - s * (w.T @ tsum) / n
+    lam = ridge * float(g.diagonal().mean().clamp_min(1e-30))
+    scale = torch.linalg.solve(g + lam * torch.eye(len(idx), dtype=torch.float64), r + lam)
+    w_new = w * scale[None]
+    b = (tsum - w_new @ s) / n
+    return w_new.float().contiguous(), b.float().contiguous()

@@ -30,7 +30,7 @@ from ..calibration import grab, iter_batches
 from ..ir.match import VIEW_OPS, find_attention_sites
 from ..ir.sites import AttentionSite
 from ..ir.width_repair import repair_widths
-from ..ops.lstsq import LinearStats, greedy_lsq_select, reconstruction_error, refit
+from ..ops.lstsq import LinearStats, cv_ridge, greedy_lsq_select, reconstruction_error, refit, refit_scales
 from ..ops.snp_scores import activation_scores, qk_pair_scores, redundancy_scores, top_indices
 from .snp_surgery import prune_attention, prune_mlp, qkv_head_weights, value_head_dim
 
@@ -49,15 +49,29 @@ class BlockPlan:
 
 @dataclass
 class EngineOptions:
-    criterion: str = "snp"  # "snp" | "activation"
+    criterion: str = "snp"  # "snp" | "activation" | "lsq" | "fisher"
     compensate: bool = True
     sequential: bool = True
-    ridge: float = 1e-3
+    #: relative ridge of the refit; None: chosen per layer by two-fold cross-validation over
+    #: the calibration images (:func:`vitprune.ops.lstsq.cv_ridge`)
+    ridge: Optional[float] = 1e-3
+    #: what the refit is shrunk towards: "original" (the layer's kept weights) or "zero"
+    shrink: str = "zero"
+    #: "full": refit all weights of proj/fc2; "scale": one scale per kept input and the bias
+    #: (Kwon et al. 2022 least-squares mask tuning)
+    recovery: str = "full"
+    #: per-token weights of the refit: "none", "ln" (``1 / var`` over channels of the original
+    #: residual stream at that token: the error as the next LayerNorm sees it) or "fisher"
+    #: (``||dL/dh_t||^2`` of the original model, from ``scores``; BRECQ-style)
+    token_weight: str = "none"
     gamma_energy: float = 0.9
     gamma_cap: int = 16
     batch_size: int = 16
     progress: bool = False
     head_criterion: str = "qk"  # head scores: mean q-k pair score
+    #: per-block Fisher scores (:class:`vitprune.passes.snp_sensitivity.BlockScores`), needed by
+    #: ``criterion="fisher"`` (heads, q-k pairs, value and fc1 neurons chosen by Fisher information)
+    scores: Optional[list] = None
 
 
 def _direct_residual(site: AttentionSite, lin: Node, res: Node) -> bool:
@@ -125,6 +139,7 @@ def prune_blocks(gm: GraphModule, calibration: torch.Tensor, plans: list[BlockPl
     sites_o = find_attention_sites(gm)
     sites_w = find_attention_sites(work)
     stream = _Stream(gm, work, calibration, opts.batch_size, opts.sequential)
+    stream.token_weight = opts.token_weight
     records = []
     blocks = range(len(plans))
     if opts.progress:
@@ -192,6 +207,8 @@ def _targets(stream, i, so, sw, lin_o, lin_w, res_o, res_w, x_w, x_o, extra_w=()
         vo = stream.orig(i, [res_o if skip_w is not None else lin_o, *extra_o])
         vw = stream.pruned(i, [x_w] + ([skip_w] if skip_w is not None else []) + list(extra_w))
         t = vo[res_o] - vw[skip_w] if skip_w is not None else vo[lin_o]
+        if getattr(stream, "token_weight", "none") == "ln" and skip_w is not None:
+            vw["_weight"] = 1.0 / vo[res_o].float().var(-1).clamp_min(1e-6)
         return vw[x_w], t, vw, vo
     vo = stream.orig(i, [x_o, lin_o, *extra_o])
     return vo[x_o], vo[lin_o], {}, vo
@@ -201,8 +218,9 @@ def _prune_attention_block(stream, so, sw, plan, opts) -> dict:
     work = stream.work
     H, d, dv = sw.num_heads, sw.head_dim, value_head_dim(sw)
     pair_sum = torch.zeros(H, d, dtype=torch.float64)
-    stats = LinearStats.zeros(H * dv, sw.proj.out_features)
-    need_qk = plan.qk < d or plan.heads < H
+    folds = [LinearStats.zeros(H * dv, sw.proj.out_features) for _ in range(2)]
+    fisher = opts.scores[sw.block_index] if opts.criterion == "fisher" else None
+    need_qk = (plan.qk < d or plan.heads < H) and fisher is None
     for i in range(len(stream.batches)):
         x, t, vw, vo = _targets(stream, i, so, sw, so.proj.node, sw.proj.node, so.attn_residual, sw.attn_residual,
                                 sw.proj.node.args[0], so.proj.node.args[0],
@@ -211,60 +229,91 @@ def _prune_attention_block(stream, so, sw, plan, opts) -> dict:
         if need_qk:
             q, k = (vw[sw.q], vw[sw.k]) if stream.sequential else (vo[so.q], vo[so.k])
             pair_sum += qk_pair_scores(q, k, opts.gamma_energy, opts.gamma_cap).sum(0)
-        stats.add(x, t)
+        folds[i % 2].add(x, t, _weight(stream, opts, sw, i, "attn_tokens", vw))
+    stats = folds[0] + folds[1]
     # --- choose heads, q-k pairs, value neurons
-    hs = pair_sum.mean(-1)
+    pair = fisher.qk if fisher is not None else pair_sum
+    hs = fisher.head if fisher is not None else pair_sum.mean(-1)
     heads = top_indices(hs, plan.heads) if plan.heads < H else list(range(H))
-    qk_keep = [top_indices(pair_sum[h], plan.qk) for h in heads]
+    qk_keep = [top_indices(pair[h], plan.qk) for h in heads]
     w_proj = sw.proj.weight_tensor(work).detach()
     if opts.criterion == "lsq":
-        sel = greedy_lsq_select(stats, [list(range(h * dv, (h + 1) * dv)) for h in heads], plan.v, opts.ridge)
+        sel = greedy_lsq_select(stats, [list(range(h * dv, (h + 1) * dv)) for h in heads], plan.v, _ridge(opts))
         v_keep = [[c - h * dv for c in g] for h, g in zip(heads, sel)]
     else:
-        if opts.criterion == "activation":
+        if fisher is not None:
+            vs = fisher.v
+        elif opts.criterion == "activation":
             vs = activation_scores(stats.gram_diag, w_proj).reshape(H, dv)
         else:
             vs = redundancy_scores(qkv_head_weights(work, sw)[2][0])
         v_keep = [top_indices(vs[h], plan.v) for h in heads]
     cols = [h * dv + i for h, keep in zip(heads, v_keep) for i in keep]
-    b_proj = sw.proj.bias_tensor(work)
-    err_sliced = reconstruction_error(stats, cols, w_proj[:, cols], b_proj)
-    w_new = b_new = None
-    err = err_sliced
-    if opts.compensate:
-        w_fit, b_fit = refit(stats, cols, opts.ridge)
-        err_fit = reconstruction_error(stats, cols, w_fit, b_fit)
-        if err_fit <= err_sliced:  # recovery never increases the calibration error
-            w_new, b_new, err = w_fit, b_fit, err_fit
+    w_new, b_new, rec = _recover(folds, cols, w_proj[:, cols], sw.proj.bias_tensor(work), opts)
     prune_attention(work, sw, heads, qk_keep, v_keep, w_new, b_new)
-    return {"kept_heads": heads, "attn_err_sliced": err_sliced, "attn_err": err}
+    return {"kept_heads": heads, **{f"attn_{k}": v for k, v in rec.items()}}
+
+
+def _weight(stream, opts, sw, i, key, vw):
+    """Per-token refit weights ``[B, N]`` of calibration batch ``i`` (None: unweighted)."""
+    if opts.token_weight == "fisher" and stream.sequential and opts.scores is not None:
+        w = getattr(opts.scores[sw.block_index], key)
+        if w is not None:
+            bs = stream.batches[0].shape[0]
+            return w[i * bs: i * bs + stream.batches[i].shape[0]]
+    return vw.get("_weight")
+
+
+def _ridge(opts) -> float:
+    return 1e-3 if opts.ridge is None else opts.ridge
+
+
+def _recover(folds, keep, w_sliced, b, opts):
+    """Least-squares recovery of the linear after the kept inputs ``keep``: ``(weight or None,
+    bias or None, record)``; None when recovery is off or would increase the calibration error."""
+    stats = folds[0] + folds[1]
+    err_sliced = reconstruction_error(stats, keep, w_sliced, b)
+    rec = {"err_sliced": err_sliced, "err": err_sliced}
+    if not opts.compensate:
+        return None, None, rec
+    if opts.recovery == "scale":
+        lam = _ridge(opts)
+        w_fit, b_fit = refit_scales(stats, keep, w_sliced, lam)
+    else:
+        prior = w_sliced if opts.shrink == "original" else None
+        lam = opts.ridge
+        if lam is None:
+            lam = cv_ridge(folds, keep, prior) if folds[0].count and folds[1].count else 1e-3
+        w_fit, b_fit = refit(stats, keep, lam, prior)
+    err_fit = reconstruction_error(stats, keep, w_fit, b_fit)
+    rec["ridge"] = lam
+    if err_fit > err_sliced:  # recovery never increases the calibration error
+        return None, None, rec
+    rec["err"] = err_fit
+    return w_fit, b_fit, rec
 
 
 def _prune_mlp_block(stream, so, sw, plan, opts) -> dict:
     work = stream.work
     m = sw.fc1.out_features
-    stats = LinearStats.zeros(m, sw.fc2.out_features)
+    folds = [LinearStats.zeros(m, sw.fc2.out_features) for _ in range(2)]
     for i in range(len(stream.batches)):
-        x, t, _, _ = _targets(stream, i, so, sw, so.fc2.node, sw.fc2.node, so.mlp_residual, sw.mlp_residual,
-                              sw.fc2.node.args[0], so.fc2.node.args[0])
-        stats.add(x, t)
+        x, t, vw, _ = _targets(stream, i, so, sw, so.fc2.node, sw.fc2.node, so.mlp_residual, sw.mlp_residual,
+                               sw.fc2.node.args[0], so.fc2.node.args[0])
+        folds[i % 2].add(x, t, _weight(stream, opts, sw, i, "mlp_tokens", vw))
+    stats = folds[0] + folds[1]
     w2 = sw.fc2.weight_tensor(work).detach()
     b2 = sw.fc2.bias_tensor(work)
     if opts.criterion == "lsq":
-        keep = greedy_lsq_select(stats, [list(range(m))], plan.mlp, opts.ridge)[0]
+        keep = greedy_lsq_select(stats, [list(range(m))], plan.mlp, _ridge(opts))[0]
     else:
-        if opts.criterion == "activation":
+        if opts.criterion == "fisher":
+            sc = opts.scores[sw.block_index].fc1
+        elif opts.criterion == "activation":
             sc = activation_scores(stats.gram_diag, w2)
         else:
             sc = redundancy_scores(sw.fc1.weight_tensor(work).detach()[None])[0]
         keep = top_indices(sc, plan.mlp)
-    err_sliced = reconstruction_error(stats, keep, w2[:, keep], b2)
-    w_new = b_new = None
-    err = err_sliced
-    if opts.compensate:
-        w_fit, b_fit = refit(stats, keep, opts.ridge)
-        err_fit = reconstruction_error(stats, keep, w_fit, b_fit)
-        if err_fit <= err_sliced:
-            w_new, b_new, err = w_fit, b_fit, err_fit
+    w_new, b_new, rec = _recover(folds, keep, w2[:, keep], b2, opts)
     prune_mlp(work, sw, keep, w_new, b_new)
-    return {"mlp_err_sliced": err_sliced, "mlp_err": err}
+    return {f"mlp_{k}": v for k, v in rec.items()}
