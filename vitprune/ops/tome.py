@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["bipartite_soft_matching", "merge_tokens", "tome_merge", "proportional_attention_bias",
+__all__ = ["bipartite_soft_matching", "merge_tokens", "tome_merge",
            "max_merge", "unpack_matching"]
 
 
@@ -128,9 +128,3 @@ def tome_merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int
     """
     packed = bipartite_soft_matching(metric, r, num_prefix)
     return merge_tokens(x, size, packed)
-
-
-def proportional_attention_bias(size: torch.Tensor) -> torch.Tensor:
-    """``log(size)`` laid out as an additive attention-logit bias ``[B, 1, 1, N]`` (ToMe §3,
-    proportional attention: a key standing for ``s`` patches counts ``s`` times in the softmax)."""
-    return torch.log(size[..., 0]).unsqueeze(1).unsqueeze(1)

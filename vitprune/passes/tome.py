@@ -32,7 +32,7 @@ from ..ir.sites import AttentionSite
 from ..ir.tags import tag_token_select
 from ..ops import tome as tome_ops
 from .base import Pass, PassContext, register_pass
-from .explicit_attention import explicit_attention_nodes
+from .proportional_attention import add_size_bias
 
 aten = torch.ops.aten
 
@@ -165,17 +165,6 @@ def _meta_from(node: Node, src: Node) -> Node:
     return node
 
 
-def _add_log_size_bias(gm: GraphModule, site: AttentionSite, size: Node) -> None:
-    """Proportional attention in ``site``: logits += log(size) over keys, before softmax."""
-    probs = explicit_attention_nodes(gm, site) if site.kind == "sdpa" else site.attn_probs
-    logits = probs.args[0]
-    g = gm.graph
-    with g.inserting_before(probs):
-        bias = _meta_from(g.call_function(tome_ops.proportional_attention_bias, (size,)), probs)
-        biased = _meta_from(g.call_function(aten.add.Tensor, (logits, bias)), probs)
-    probs.replace_input_with(logits, biased)
-
-
 # ---------------------------------------------------------------- the pass
 
 @register_pass("tome")
@@ -249,7 +238,7 @@ class ToMe(Pass):
         n = dims.tokens
         for site, r in zip(sites, sched):
             if size is not None and self.prop_attn:
-                _add_log_size_bias(gm, site, size)
+                add_size_bias(gm, site, size)
             if r == 0:
                 continue
             x = site.attn_residual

@@ -62,7 +62,6 @@ in the paper (1/1/1 and 30/30/30 were within noise); VHF ``mean1`` in [0.01, 0.7
 
 from __future__ import annotations
 
-import dataclasses
 import operator
 from dataclasses import dataclass, field
 from typing import Optional
@@ -81,9 +80,10 @@ from ..ops.head_filter import VAR_NORMS
 from ..ops.similarity import partition_sizes, s_stage_macs
 from ..ops.token_select import gather_tokens
 from ..ops.wpr import wpr_macs
-from ..ops.zero_tprune_layer import IMPORTANCES, log_size_bias, mark, merge_into, random_keep, select_tokens, unit_sizes
+from ..ops.zero_tprune_layer import IMPORTANCES, mark, merge_into, random_keep, select_tokens, unit_sizes
 from .base import Pass, PassContext, register_pass
 from .explicit_attention import explicit_attention_nodes
+from .proportional_attention import add_size_bias
 
 MODES = ("prune", "merge")
 FEATURES = ("concat", "mean")
@@ -414,14 +414,11 @@ class ZeroTPrune(Pass):
         g = gm.graph
         for site in sites:
             probs = None
-            if size is not None:                                 # proportional attention after a merge
-                probs = _probs(gm, site)
-                logits = probs.args[0]
-                with g.inserting_before(probs):
-                    bias = _with_meta(g.call_function(log_size_bias, (size,)), probs)
-                    biased = _with_meta(g.call_function(torch.ops.aten.add.Tensor, (logits, bias)), probs)
-                probs.replace_input_with(logits, biased)
             lp = layer_at.get(site.block_index)
+            if size is not None:                                 # proportional attention after a merge
+                # pruning layers read the probabilities: explicit there, fused SDPA elsewhere
+                add_size_bias(gm, site, size, keep_fused=lp is None or self.importance == "random")
+                probs = site.attn_probs if site.kind == "explicit" else None
             if lp is None:
                 continue
             out = site.block_output
