@@ -114,3 +114,53 @@ def test_preset_ignores_allocation():
     assert not SNP(preset="deit-t", allocation="fisher").uses_fisher_allocation()
     assert not SNP(qk=[0.1], allocation="fisher").uses_fisher_allocation()
     assert SNP(ratio=0.1, allocation="fisher").uses_fisher_allocation()
+
+
+def test_recovery_weighted_scales_by_refit_error_ratio():
+    from vitprune.passes.snp_allocation import recovery_weighted
+
+    s = [BlockScores(qk=torch.ones(2, 4), v=torch.ones(2, 4), head=torch.ones(2), fc1=torch.ones(8))] * 2
+    recs = [dict(attn_err_sliced=0.4, attn_err=0.1, mlp_err_sliced=0.5, mlp_err=0.5), dict()]
+    out = recovery_weighted(s, recs)
+    assert torch.allclose(out[0].qk, torch.full((2, 4), 0.25)) and torch.allclose(out[0].v, torch.full((2, 4), 0.25))
+    assert torch.allclose(out[0].fc1, torch.ones(8))
+    assert torch.equal(out[1].qk, s[1].qk) and torch.equal(out[1].fc1, s[1].fc1)  # no record: unscaled
+
+
+def test_blend_endpoints_and_budget():
+    from vitprune.passes.snp_allocation import blend_plans
+
+    full = [BlockPlan(2, 8, 8, 32), BlockPlan(2, 8, 8, 32)]
+    alloc = [BlockPlan(2, 8, 8, 32), BlockPlan(2, 2, 4, 8)]
+    uni = [BlockPlan(2, 5, 6, 20), BlockPlan(2, 5, 6, 20)]
+    target = sum(_toy_macs(i, p) for i, p in enumerate(alloc))
+    a = blend_plans(full, alloc, uni, _toy_macs, target, 1.0)
+    assert a == alloc
+    for beta in (0.0, 0.5):
+        b = blend_plans(full, alloc, uni, _toy_macs, target, beta)
+        got = sum(_toy_macs(i, p) for i, p in enumerate(b))
+        assert got <= target and got >= 0.9 * target
+    b0 = blend_plans(full, alloc, uni, _toy_macs, target, 0.0)
+    assert b0[0] == b0[1]  # uniform shape: both blocks equal
+    h = blend_plans(full, alloc, uni, _toy_macs, target, 0.5)
+    assert h[0].mlp > h[1].mlp  # between: still prunes block 1 more
+
+
+@pytest.mark.parametrize("spec", ["allocation=recovery", "allocation=fisher,blend=0.5",
+                                  "allocation=recovery,blend=0.5"])
+def test_recovery_and_blend_allocation_meet_gmacs_target_with_flop_counter(spec):
+    from vitprune.eval.flops import gmacs
+
+    m = tiny(depth=3)
+    g0 = vitprune.compile(m, [], example_inputs=X).report.gmacs_before
+    target = 0.8 * g0
+    c = vitprune.compile(m, [f"snp:target_gmacs={target},{spec}"], example_inputs=X, calibration=CAL, progress=False)
+    measured = gmacs(c)
+    assert target * 0.99 <= measured <= target * 1.01
+    with torch.no_grad():
+        assert torch.isfinite(c(X)).all()
+
+
+def test_bad_blend_rejected():
+    with pytest.raises(InvalidPassConfigError, match="blend=1.5"):
+        vitprune.compile(tiny(), ["snp:ratio=0.1,allocation=fisher,blend=1.5"], example_inputs=X, calibration=CAL)

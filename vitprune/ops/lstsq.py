@@ -136,6 +136,18 @@ def cv_ridge(folds: Sequence[LinearStats], keep: Sequence[int], prior: Optional[
     return best
 
 
+def cv_error(folds: Sequence[LinearStats], keep: Sequence[int], prior: Optional[torch.Tensor],
+             ridge: float) -> float:
+    """Two-fold cross-validated relative error of :func:`refit` at ``ridge``: fit on one fold,
+    error on the other, summed both ways, over ``tt`` of both folds (an out-of-sample
+    counterpart of :func:`reconstruction_error`)."""
+    err = 0.0
+    for fit, val in ((folds[0], folds[1]), (folds[1], folds[0])):
+        w, b = refit(fit, keep, ridge, prior)
+        err += reconstruction_error(val, keep, w, b) * max(val.tt, 1e-30)
+    return err / max(folds[0].tt + folds[1].tt, 1e-30)
+
+
 def greedy_lsq_select(stats: LinearStats, groups: Sequence[Sequence[int]], keep_per_group: int,
                       ridge: float = 1e-3) -> list[list[int]]:
     """Choose the inputs to keep by greedy least-squares (Optimal-Brain-Surgeon style) removal.

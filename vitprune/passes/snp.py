@@ -32,7 +32,7 @@ from .snp_presets import PRESETS, preset_name
 from .snp_surgery import finalize, value_head_dim
 
 CRITERIA = ("snp", "activation", "lsq", "fisher")
-ALLOCATIONS = ("uniform", "fisher")
+ALLOCATIONS = ("uniform", "fisher", "recovery")
 
 
 def kept(n: int, ratio: float, round_to: int = 1) -> int:
@@ -88,6 +88,13 @@ class SNP(Pass):
             64 calibration images of DeiT-T (-10 % GMACs: 78.1 vs 75.0 %, -20 %: 75.0 vs
             73.4 %); ``fisher`` wins without recovery (-20 %: 75.0 vs 57.8 %), because the
             Fisher costs ignore what the refit can repair (benchmarks/snp_accuracy.py).
+            ``recovery``: the Fisher allocation with each block's costs scaled by the fraction of
+            its reconstruction error the least-squares refit leaves (cross-validated over the
+            calibration images, measured by a dry run at the uniform widths;
+            :func:`vitprune.passes.snp_allocation.recovery_weighted`).
+        blend: for ``fisher``/``recovery`` allocations, shrink the per-block kept fractions towards
+            the uniform ones, ``k = k_alloc^blend * k_uniform^(1 - blend)``, rescaled to the same
+            MAC budget (:func:`vitprune.passes.snp_allocation.blend_plans`); 1 = no shrinkage.
         mix: relative weights of the (q-k, v, fc1) ratios when ``ratio``/``target_gmacs`` sets them
             (ratio of part p = ratio · mix[p], capped at 0.95); ``0;1;1`` prunes only what the
             least-squares recovery can compensate (v, fc1).
@@ -133,6 +140,7 @@ class SNP(Pass):
     recovery: str = "full"
     batch_size: int = 16
     mix: Optional[list[float]] = None
+    blend: float = 1.0
 
     def validate(self) -> None:
         if self.preset is not None and preset_name(self.preset) not in PRESETS:
@@ -155,6 +163,8 @@ class SNP(Pass):
             raise InvalidPassConfigError(f"snp: round_to={self.round_to} must be >= 1")
         if self.mix is not None and (len(self.mix) != 3 or any(w < 0 for w in self.mix)):
             raise InvalidPassConfigError(f"snp: mix={self.mix} must be 3 non-negative weights for q-k, v, fc1")
+        if not (0.0 <= self.blend <= 1.0):
+            raise InvalidPassConfigError(f"snp: blend={self.blend} must be in [0, 1] (0: uniform, 1: allocation)")
         if self.ridge is not None and self.ridge < 0:
             raise InvalidPassConfigError(f"snp: ridge={self.ridge} must be >= 0 (or none: cross-validated)")
         if self.recovery not in ("full", "scale"):
@@ -172,7 +182,7 @@ class SNP(Pass):
     # ------------------------------------------------------------------ planning
     def uses_fisher_allocation(self) -> bool:
         """True when the widths come from :func:`vitprune.passes.snp_allocation.allocate`."""
-        return (self.allocation == "fisher" and self.preset is None and self.qk is None and self.v is None
+        return (self.allocation in ("fisher", "recovery") and self.preset is None and self.qk is None and self.v is None
                 and self.fc1 is None and (self.ratio is not None or self.target_gmacs is not None))
 
     def plans(self, sites: list[AttentionSite], rest_gmacs: float = 0.0,
@@ -187,26 +197,43 @@ class SNP(Pass):
         if self.uses_fisher_allocation():
             return self._fisher_plans(sites, rest_gmacs, scores), self._embed_keep(sites)
         if self.target_gmacs is not None:
-            lo, hi = 0.0, 0.99
-            for _ in range(40):
-                mid = (lo + hi) / 2
-                g = rest_gmacs + sum(_plan_macs(s, p) for s, p in zip(sites, self._ratio_plans(sites, mid))) / 1e9
-                lo, hi = (mid, hi) if g > self.target_gmacs else (lo, mid)
-            return self._ratio_plans(sites, hi), None
+            return self._bisect_plans(sites, rest_gmacs), None
         return self._ratio_plans(sites, self.ratio or 0.0), self._embed_keep(sites)
 
+    def _budget(self, sites, rest_gmacs) -> float:
+        if self.target_gmacs is not None:
+            return (self.target_gmacs - rest_gmacs) * 1e9
+        # the MAC budget of the uniform ratio, spent where it hurts least
+        return sum(_plan_macs(s, p) for s, p in zip(sites, self._ratio_plans(sites, self.ratio)))
+
     def _fisher_plans(self, sites, rest_gmacs, scores) -> list[BlockPlan]:
-        from .snp_allocation import allocate
+        from .snp_allocation import allocate, blend_plans
 
         if scores is None:
-            raise InvalidPassConfigError("snp: allocation=fisher needs Fisher scores (calibration images)")
-        if self.target_gmacs is not None:
-            budget = (self.target_gmacs - rest_gmacs) * 1e9
-        else:  # the MAC budget of the uniform ratio, spent where it hurts least
-            budget = sum(_plan_macs(s, p) for s, p in zip(sites, self._ratio_plans(sites, self.ratio)))
+            raise InvalidPassConfigError(f"snp: allocation={self.allocation} needs Fisher scores (calibration images)")
+        budget = self._budget(sites, rest_gmacs)
         full = [BlockPlan(s.num_heads, s.head_dim, value_head_dim(s), s.fc1.out_features if s.fc1 else None)
                 for s in sites]
-        return allocate(full, scores, lambda i, p: _plan_macs(sites[i], p), budget, self.round_to)
+        macs = lambda i, p: _plan_macs(sites[i], p)  # noqa: E731
+        plans = allocate(full, scores, macs, budget, self.round_to)
+        if self.blend < 1.0:
+            plans = blend_plans(full, plans, self.uniform_plans(sites, rest_gmacs), macs, budget, self.blend,
+                                self.round_to)
+        return plans
+
+    def uniform_plans(self, sites, rest_gmacs) -> list[BlockPlan]:
+        """The ``allocation=uniform`` widths for the same budget."""
+        if self.target_gmacs is not None:
+            return self._bisect_plans(sites, rest_gmacs)
+        return self._ratio_plans(sites, self.ratio or 0.0)
+
+    def _bisect_plans(self, sites, rest_gmacs) -> list[BlockPlan]:
+        lo, hi = 0.0, 0.99
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            g = rest_gmacs + sum(_plan_macs(s, p) for s, p in zip(sites, self._ratio_plans(sites, mid))) / 1e9
+            lo, hi = (mid, hi) if g > self.target_gmacs else (lo, mid)
+        return self._ratio_plans(sites, hi)
 
     def _embed_keep(self, sites):
         if not self.embed:
@@ -295,8 +322,14 @@ class SNP(Pass):
         if self.augment == "flip":  # twice the calibration tokens from the same images
             calib = torch.cat([calib, calib.flip(-1)])
         scores = self.fisher_scores(gm, sites, calib, ctx)
-        plans, embed_keep = self.plans(sites, rest, scores)
         opts = self.engine_options(ctx)
+        if self.allocation == "recovery" and scores is not None and self.uses_fisher_allocation():
+            from .snp_allocation import recovery_weighted
+
+            # dry run at the uniform widths: how much of each block's error the refit removes
+            _, probe = prune_blocks(gm, calib, self.uniform_plans(sites, rest), opts)
+            scores = recovery_weighted(scores, probe)
+        plans, embed_keep = self.plans(sites, rest, scores)
         opts.scores = scores
         work, records = prune_blocks(gm, calib, plans, opts)
         out = finalize(work, ctx.example_inputs)

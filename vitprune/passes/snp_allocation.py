@@ -107,3 +107,87 @@ def _with(p: BlockPlan, kind: str, value: int) -> BlockPlan:
     d = dict(heads=p.heads, qk=p.qk, v=p.v, mlp=p.mlp)
     d[kind] = value
     return BlockPlan(**d)
+
+
+def recovery_weighted(scores: Sequence[BlockScores], records: Sequence[dict], floor: float = 1e-3) -> list[BlockScores]:
+    """Fisher scores scaled by what the least-squares recovery leaves of each block's error.
+
+    The Fisher cost of a removal is a second-order estimate of the loss increase from the
+    perturbation of the block output (``1/2 e^T F e``), which scales with ``||e||^2``. The refit of
+    proj / fc2 shrinks that perturbation to ``err / err_sliced`` of its size (relative squared
+    reconstruction errors after and before the refit, measured on the calibration images by a dry
+    run at the uniform widths, :func:`vitprune.passes.snp_engine.prune_blocks`). Scaling the costs
+    of q-k pairs and value neurons by the attention ratio and of fc1 neurons by the MLP ratio
+    makes the greedy allocation spend the MAC budget where the refit repairs the damage, rather
+    than where the un-refit damage is small (Kwon et al. 2022 §4.1 search with §4.3 recovery
+    folded into the cost; cf. OBS, Hassibi & Stork 1993, whose saliency is the loss after the
+    optimal compensation of the remaining weights).
+
+    Args:
+        scores: per-block Fisher scores of the original model.
+        records: per-block records of the dry run (``attn_err_cv`` or else ``attn_err``,
+            ``attn_err_sliced``, and the same for ``mlp``; missing keys leave that block's scores unscaled).
+        floor: smallest factor (a refit that looks perfect on the calibration images still costs).
+    """
+    def ratio(rec, part):
+        before = rec.get(f"{part}_err_sliced")
+        after = rec.get(f"{part}_err_cv", rec.get(f"{part}_err"))
+        if before is None or after is None or before <= 0:
+            return 1.0
+        return min(1.0, max(floor, after / before))
+
+    out = []
+    for s, rec in zip(scores, records):
+        fa, fm = ratio(rec, "attn"), ratio(rec, "mlp")
+        out.append(BlockScores(qk=s.qk * fa, v=s.v * fa, head=s.head * fa,
+                               fc1=s.fc1 * fm if s.fc1 is not None else None,
+                               attn_tokens=s.attn_tokens, mlp_tokens=s.mlp_tokens))
+    return out
+
+
+def blend_plans(full: Sequence[BlockPlan], alloc: Sequence[BlockPlan], uniform: Sequence[BlockPlan],
+                macs: Callable[[int, BlockPlan], float], target_macs: float, beta: float,
+                round_to: int = 1) -> list[BlockPlan]:
+    """Widths between a sensitivity allocation and the uniform one, meeting the same MAC budget.
+
+    Kept fractions are blended geometrically, ``k = k_alloc^beta * k_uniform^(1 - beta)`` per block
+    and kind (shrinkage of a noisy per-block estimate towards the uniform prior), then every removed
+    fraction ``1 - k`` is scaled by one factor, found by bisection, so the blocks meet
+    ``target_macs`` (the largest widths that do). ``beta=1``: ``alloc``; ``beta=0``: ``uniform``.
+    """
+    step = max(1, int(round_to))
+    kinds = ("qk", "v", "mlp")
+    removed = []
+    for f, a, u in zip(full, alloc, uniform):
+        r = {}
+        for k in kinds:
+            n = getattr(f, k)
+            if not n:
+                continue
+            ka, ku = getattr(a, k) / n, getattr(u, k) / n
+            r[k] = 1.0 - (ka ** beta) * (ku ** (1.0 - beta))
+        removed.append(r)
+
+    def plans_at(c):
+        out = []
+        for f, r in zip(full, removed):
+            d = dict(heads=f.heads, qk=f.qk, v=f.v, mlp=f.mlp)
+            for k, rk in r.items():
+                n = getattr(f, k)
+                keep = n - int(round(n * min(1.0, c * rk)))
+                if step > 1:
+                    keep = int(round(keep / step)) * step
+                d[k] = min(n, max(step, keep))
+            out.append(BlockPlan(**d))
+        return out
+
+    def total(c):
+        return sum(macs(i, p) for i, p in enumerate(plans_at(c)))
+
+    lo, hi = 0.0, 1.0
+    while total(hi) > target_macs and hi < 64:
+        hi *= 2
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if total(mid) > target_macs else (lo, mid)
+    return plans_at(hi)

@@ -30,7 +30,7 @@ from ..calibration import grab, iter_batches
 from ..ir.match import VIEW_OPS, find_attention_sites
 from ..ir.sites import AttentionSite
 from ..ir.width_repair import repair_widths
-from ..ops.lstsq import LinearStats, cv_ridge, greedy_lsq_select, reconstruction_error, refit, refit_scales
+from ..ops.lstsq import LinearStats, cv_error, cv_ridge, greedy_lsq_select, reconstruction_error, refit, refit_scales
 from ..ops.snp_scores import activation_scores, qk_pair_scores, redundancy_scores, top_indices
 from .snp_surgery import prune_attention, prune_mlp, qkv_head_weights, value_head_dim
 
@@ -287,6 +287,8 @@ def _recover(folds, keep, w_sliced, b, opts):
         w_fit, b_fit = refit(stats, keep, lam, prior)
     err_fit = reconstruction_error(stats, keep, w_fit, b_fit)
     rec["ridge"] = lam
+    if opts.recovery == "full" and folds[0].count and folds[1].count:
+        rec["err_cv"] = min(err_sliced, cv_error(folds, keep, prior, lam))
     if err_fit > err_sliced:  # recovery never increases the calibration error
         return None, None, rec
     rec["err"] = err_fit
