@@ -34,15 +34,16 @@ def test_snp_and_zero_tprune_compose(passes):
         assert (onnx(x) - compiled(x)).abs().max().item() <= 1e-4
 
 
-def test_zero_tprune_budget_on_snp_pruned_widths():
-    """After SNP the blocks have different widths; Zero-TPrune's GMACs budget must still be met
+@pytest.mark.parametrize("token_pass", ["zero-tprune", "tome"])
+def test_token_budget_on_snp_pruned_widths(token_pass):
+    """After SNP the blocks have different widths; a token pass's GMACs budget must still be met
     (measured by the FLOP counter, ±1 %), not the budget of a dense model of the same depth."""
     torch.manual_seed(0)
     model = timm.create_model("deit_tiny_patch16_224").eval()
     x, calib = torch.randn(2, 3, 224, 224), torch.randn(4, 3, 224, 224)
-    snp = "snp:ratio=0.3,compensate=false,sequential=false"
+    snp = "snp:preset=deit-t,compensate=false,sequential=false"   # released widths: differ per block
     g_snp = vitprune.compile(model, [snp], example_inputs=x, calibration=calib, progress=False).report.gmacs_after
     target = round(0.7 * g_snp, 4)
-    both = vitprune.compile(model, [snp, f"zero-tprune:target_gmacs={target}"], example_inputs=x,
+    both = vitprune.compile(model, [snp, f"{token_pass}:target_gmacs={target}"], example_inputs=x,
                             calibration=calib, progress=False)
     assert abs(both.report.gmacs_after - target) <= 0.01 * target, (both.report.gmacs_after, target)

@@ -33,6 +33,7 @@ from ..ir.tags import tag_token_select
 from ..ops import tome as tome_ops
 from .base import Pass, PassContext, register_pass
 from .proportional_attention import add_size_bias
+from .vit_macs import BlockDims
 
 aten = torch.ops.aten
 
@@ -66,7 +67,8 @@ def rate_schedule(rate: float, depth: int) -> list[int]:
 
 @dataclass
 class ModelDims:
-    """What the MAC model of a plain ViT needs, read from attention sites.
+    """What the MAC model of a plain ViT needs, read from attention sites: token counts and
+    each block's widths (:class:`~vitprune.passes.vit_macs.BlockDims`; they differ after SNP).
 
     ``other_macs``: MACs outside the blocks (patch embedding, head), per image.
     """
@@ -75,23 +77,13 @@ class ModelDims:
     tokens: int
     prefix: int
     embed_dim: int
-    heads: int
-    head_dim: int
-    mlp_hidden: int
+    blocks: list[BlockDims]
     other_macs: float = 0.0
 
     @classmethod
     def from_sites(cls, sites: list[AttentionSite]) -> "ModelDims":
         s = sites[0]
-        hidden = s.fc1.out_features if s.fc1 is not None else 4 * s.embed_dim
-        return cls(len(sites), s.num_tokens, s.num_prefix_tokens, s.embed_dim, s.num_heads, s.head_dim, hidden)
-
-    def attn_macs(self, n: int) -> float:
-        hd = self.heads * self.head_dim
-        return n * self.embed_dim * 3 * hd + 2 * self.heads * n * n * self.head_dim + n * hd * self.embed_dim
-
-    def mlp_macs(self, n: int) -> float:
-        return 2 * n * self.embed_dim * self.mlp_hidden
+        return cls(len(sites), s.num_tokens, s.num_prefix_tokens, s.embed_dim, [BlockDims.from_site(x) for x in sites])
 
 
 def clamp_schedule(dims: ModelDims, schedule: list[int]) -> list[int]:
@@ -108,13 +100,13 @@ def tome_gmacs(dims: ModelDims, schedule: list[int]) -> float:
     """Analytic GMACs per image of a ToMe-merged ViT (ALGORITHMS.md §1d FLOPs model, plus the
     merge's own work): per block attention at ``N_i`` tokens, matching ``⌈N/2⌉·⌊N/2⌋·d`` and
     merge ``(N−r)·r·(C+1)`` MACs, MLP at ``N_i − r_i`` tokens."""
-    n, total = dims.tokens, dims.other_macs
-    for r in schedule:
-        total += dims.attn_macs(n)
+    n, total, dim = dims.tokens, dims.other_macs, dims.embed_dim
+    for r, b in zip(schedule, dims.blocks):
+        total += b.attn_macs(n, dim)
         if r > 0:
-            total += ((n + 1) // 2) * (n // 2) * dims.head_dim + (n - r) * r * (dims.embed_dim + 1)
+            total += ((n + 1) // 2) * (n // 2) * b.qk + (n - r) * r * (dim + 1)
         n -= r
-        total += dims.mlp_macs(n)
+        total += b.mlp_macs(n, dim)
     return total / 1e9
 
 

@@ -84,6 +84,7 @@ from ..ops.zero_tprune_layer import IMPORTANCES, mark, merge_into, random_keep, 
 from .base import Pass, PassContext, register_pass
 from .explicit_attention import explicit_attention_nodes
 from .proportional_attention import add_size_bias
+from .vit_macs import BlockDims
 
 MODES = ("prune", "merge")
 FEATURES = ("concat", "mean")
@@ -111,22 +112,6 @@ class LayerPlan:
     @property
     def r_i(self) -> int:
         return self.n_after_s - self.n_out
-
-
-@dataclass
-class BlockDims:
-    """Widths of one block (they differ between blocks after SNP): heads, q/k and value width per
-    head, MLP hidden."""
-
-    heads: int
-    qk: int
-    v: int
-    mlp_hidden: int
-
-    @classmethod
-    def from_site(cls, s: AttentionSite) -> "BlockDims":
-        hidden = s.fc1.out_features if s.fc1 is not None else 4 * s.embed_dim
-        return cls(heads=s.num_heads, qk=s.head_dim, v=int(s.v.meta["val"].shape[-1]), mlp_hidden=hidden)
 
 
 @dataclass
@@ -160,11 +145,8 @@ class ModelInfo:
         return BlockDims(self.heads, self.head_dim, self.head_dim, self.mlp_hidden)
 
     def block_macs(self, n: int, block: int = 0) -> int:
-        """MACs of ``block`` on ``n`` tokens: q/k/v projections ``N·D·H·(2 d_qk + d_v)``, attention
-        ``N²·H·(d_qk + d_v)``, proj ``N·H·d_v·D``, MLP ``2·N·D·M``."""
-        b, dim = self.dims(block), self.embed_dim
-        qk, v = b.heads * b.qk, b.heads * b.v
-        return n * dim * (2 * qk + v) + n * n * (qk + v) + n * v * dim + 2 * n * dim * b.mlp_hidden
+        """MACs of ``block`` on ``n`` tokens (:meth:`BlockDims.block_macs`)."""
+        return self.dims(block).block_macs(n, self.embed_dim)
 
 
 @register_pass("zero-tprune")
