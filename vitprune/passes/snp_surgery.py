@@ -20,8 +20,8 @@ from torch.fx import GraphModule, Node
 
 from ..errors import UnsupportedModelError
 from ..ir.capture import recapture
-from ..ir.match import SDPA_OPS, VIEW_OPS
-from ..ir.rewrite import RESHAPE_OPS, get_attr_node, set_param
+from ..ir.match import VIEW_OPS
+from ..ir.rewrite import RESHAPE_OPS, set_param
 from ..ir.sites import AttentionSite
 
 aten = torch.ops.aten
@@ -179,14 +179,21 @@ def prune_attention(gm: GraphModule, site: AttentionSite, heads: Sequence[int], 
             f"block {site.block_index} ('{site.block_path}'): no reshape to width {old_width} between the "
             "attention output and the projection; cannot change the value width"
         )
-    cols = (hi[:, None] * d_v + vi).reshape(-1)
-    if proj_weight is None:
-        proj_weight = site.proj.weight_tensor(gm).detach()[:, cols]
-        proj_bias = site.proj.bias_tensor(gm)
-    set_param(gm, site.proj.weight, proj_weight)
-    if proj_bias is not None and site.proj.bias is not None:
-        set_param(gm, site.proj.bias, proj_bias)
+    _keep_input_columns(gm, site.proj, (hi[:, None] * d_v + vi).reshape(-1), proj_weight, proj_bias)
     return {"heads": len(heads), "qk": dqk, "v": dv}
+
+
+def _keep_input_columns(gm: GraphModule, lin, cols: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                        bias: Optional[torch.Tensor] = None) -> None:
+    """Make the linear ``lin`` (a ``LinearRef``) read only input columns ``cols``: its weight becomes
+    ``W[:, cols]`` (bias kept), or ``weight`` ``[out, len(cols)]`` / ``bias`` ``[out]`` when given
+    (the least-squares refit)."""
+    if weight is None:
+        weight = lin.weight_tensor(gm).detach()[:, cols]
+        bias = lin.bias_tensor(gm)
+    set_param(gm, lin.weight, weight)
+    if bias is not None and lin.bias is not None:
+        set_param(gm, lin.bias, bias)
 
 
 def _new_nodes(n: Node) -> set:
@@ -241,12 +248,7 @@ def prune_mlp(gm: GraphModule, site: AttentionSite, keep: Sequence[int], fc2_wei
     set_param(gm, site.fc1.weight, w1)
     if b1 is not None:
         set_param(gm, site.fc1.bias, b1.detach()[idx])
-    if fc2_weight is None:
-        fc2_weight = site.fc2.weight_tensor(gm).detach()[:, idx]
-        fc2_bias = site.fc2.bias_tensor(gm)
-    set_param(gm, site.fc2.weight, fc2_weight)
-    if fc2_bias is not None and site.fc2.bias is not None:
-        set_param(gm, site.fc2.bias, fc2_bias)
+    _keep_input_columns(gm, site.fc2, idx, fc2_weight, fc2_bias)
     return len(idx)
 
 
