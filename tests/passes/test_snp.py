@@ -1,7 +1,5 @@
 """SNP and head-prune passes on small random-weight models (timm, Hugging Face, torchvision)."""
 
-import os
-import warnings
 
 import pytest
 import timm
@@ -17,6 +15,8 @@ from vitprune.passes.base import Pass, parse_pass_spec
 from vitprune.passes.snp import SNP, block_macs
 from vitprune.passes.snp_presets import PRESETS
 from vitprune.passes.snp_surgery import finalize, prune_attention
+
+from ..lowering import onnxruntime_run
 
 torch.set_num_threads(1)
 X = torch.randn(2, 3, 224, 224)
@@ -177,20 +177,11 @@ def test_explicit_attention_and_fewer_tokens_later():
     assert pruned(X).shape == (2, 10) and find_attention_sites(pruned)[1].num_tokens == 100
 
 
-def test_onnx_export_parity():
-    import onnxruntime as ort
-
+def test_onnx_export_parity(tmp_path):
+    pytest.importorskip("onnxruntime")
     c = vitprune.compile(tiny(depth=2), ["snp:ratio=0.3,embed=0.25"], example_inputs=X, calibration=CAL,
                          progress=False)
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "snp.onnx")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(c.graph_module, (X,), path, dynamo=True)
-        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-        got = sess.run(None, {sess.get_inputs()[0].name: X.numpy()})[0]
+    got, _ = onnxruntime_run(c.graph_module, X, str(tmp_path / "snp.onnx"))
     with torch.no_grad():
         ref = c.graph_module(X).numpy()
     assert abs(got - ref).max() <= 1e-4

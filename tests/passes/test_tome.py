@@ -3,7 +3,6 @@ ONNX Runtime and TVM's importer."""
 
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import torch
@@ -12,11 +11,12 @@ from timm.models.vision_transformer import VisionTransformer
 import vitprune
 from vitprune.errors import InvalidPassConfigError
 from vitprune.eval.flops import gmacs
-from vitprune.ir.capture import capture
 from vitprune.ir.tags import token_select_outputs
 from vitprune.ops.tome import bipartite_soft_matching, max_merge, merge_tokens, unpack_matching
 from vitprune.passes.base import parse_pass_spec
 from vitprune.passes.tome import ToMe, parse_r
+
+from ..lowering import onnxruntime_run, tvm_run
 
 torch.set_num_threads(1)
 
@@ -217,36 +217,23 @@ def test_gmacs_match_analytic_count_and_target():
 
 
 def test_exports_to_onnx_and_matches_onnxruntime(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     m = tiny_vit(depth=3)
     x = torch.randn(2, 3, 64, 64)
     c = vitprune.compile(m, ["tome:r=4"], example_inputs=x)
-    ep = torch.export.export(c.graph_module, (x,), strict=False)
-    path = str(tmp_path / "tome.onnx")
-    torch.onnx.export(ep, (x,), path, dynamo=True)
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    out, ops = onnxruntime_run(c.graph_module, x, str(tmp_path / "tome.onnx"))
     with torch.no_grad():
         ref = c(x)
     assert float((torch.from_numpy(out) - ref).abs().max()) <= 1e-4
-    ops = {n.op_type for n in __import__("onnx").load(path).graph.node}
     assert not ops & {"ScatterElements", "ScatterND"}, ops
 
 
 def test_tvm_imports_and_runs():
-    tvm = pytest.importorskip("tvm")
-    from tvm import relax
-    from tvm.relax.frontend.torch import from_exported_program
-
+    pytest.importorskip("tvm")
     m = tiny_vit(depth=2, dim=24)
     x = torch.randn(1, 3, 64, 64)
     c = vitprune.compile(m, ["tome:r=4"], example_inputs=x)
-    ep = torch.export.export(c.graph_module, (x,), strict=False)
-    mod = from_exported_program(ep)
-    ex = tvm.compile(mod, target="llvm")
-    vm = relax.VirtualMachine(ex, tvm.cpu())
-    out = vm["main"](tvm.runtime.tensor(x.numpy()))
-    out = out[0] if not hasattr(out, "numpy") else out
+    out = tvm_run(c.graph_module, x)
     with torch.no_grad():
         ref = c(x)
-    assert float((torch.from_numpy(out.numpy()) - ref).abs().max()) <= 1e-4
+    assert float((torch.from_numpy(out) - ref).abs().max()) <= 1e-4

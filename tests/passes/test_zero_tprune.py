@@ -18,6 +18,8 @@ from vitprune.ir.capture import capture
 from vitprune.passes.base import Pass, PassContext, parse_pass_spec
 from vitprune.passes.zero_tprune import PRESETS, ZeroTPrune, kept_token_indices
 
+from ..lowering import onnxruntime_run, tvm_run
+
 torch.set_num_threads(1)
 
 
@@ -138,38 +140,26 @@ def test_presets_on_deit_small_hit_the_papers_budgets():
 
 
 def test_exports_to_onnx_and_matches_onnxruntime(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     m = tiny_vit(depth=3)
     x = torch.randn(2, 3, 64, 64)
     c = vitprune.compile(m, [ZeroTPrune(prune_blocks=[0, 1], keep=[0.75, 0.6])], example_inputs=x)
-    ep = torch.export.export(c.graph_module, (x,), strict=False)
-    path = str(tmp_path / "ztp.onnx")
-    torch.onnx.export(ep, (x,), path, dynamo=True)
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    out, ops = onnxruntime_run(c.graph_module, x, str(tmp_path / "ztp.onnx"))
     with torch.no_grad():
         ref = c(x)
     assert float((torch.from_numpy(out) - ref).abs().max()) <= 1e-4
-    ops = {n.op_type for n in __import__("onnx").load(path).graph.node}
     assert not ops & {"ScatterElements", "ScatterND", "NonZero"}, ops
 
 
 def test_tvm_imports_and_runs():
-    tvm = pytest.importorskip("tvm")
-    from tvm import relax
-    from tvm.relax.frontend.torch import from_exported_program
-
+    pytest.importorskip("tvm")
     m = tiny_vit(depth=2, dim=24)
     x = torch.randn(1, 3, 64, 64)
     c = vitprune.compile(m, [ZeroTPrune(prune_blocks=[0], keep=[0.5])], example_inputs=x)
-    ep = torch.export.export(c.graph_module, (x,), strict=False)
-    ex = tvm.compile(from_exported_program(ep), target="llvm")
-    vm = relax.VirtualMachine(ex, tvm.cpu())
-    out = vm["main"](tvm.runtime.tensor(x.numpy()))
-    out = out[0] if not hasattr(out, "numpy") else out
+    out = tvm_run(c.graph_module, x)
     with torch.no_grad():
         ref = c(x)
-    assert float((torch.from_numpy(out.numpy()) - ref).abs().max()) <= 1e-4
+    assert float((torch.from_numpy(out) - ref).abs().max()) <= 1e-4
 
 
 def test_json_round_trip_and_spec():
@@ -246,12 +236,8 @@ def test_merge_mode_counts_exports_and_is_per_sample(tmp_path):
         for i in range(3):
             torch.testing.assert_close(c(x[i:i + 1]), full[i:i + 1], atol=1e-5, rtol=1e-5)
     assert [k.shape[1] for k in kept_token_indices(c, x)] == [13, 7]
-    ort = pytest.importorskip("onnxruntime")
-    ep = torch.export.export(c.graph_module, (x,), strict=False)
-    path = str(tmp_path / "ztp_merge.onnx")
-    torch.onnx.export(ep, (x,), path, dynamo=True)
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    pytest.importorskip("onnxruntime")
+    out, _ = onnxruntime_run(c.graph_module, x, str(tmp_path / "ztp_merge.onnx"))
     assert float((torch.from_numpy(out) - full).abs().max()) <= 1e-4
 
 
