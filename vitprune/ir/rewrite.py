@@ -42,6 +42,16 @@ def get_attr_node(gm: GraphModule, qualname: str, before: Node) -> Node:
         return gm.graph.get_attr(qualname)
 
 
+def copy_source_meta(node: Node, src: Node) -> Node:
+    """Give a node inserted by a pass ``src``'s module path and stack trace (``nn_module_stack``,
+    ``stack_trace``), so that re-export and error messages place it in ``src``'s block.
+    Returns ``node``."""
+    node.meta["nn_module_stack"] = dict(src.meta.get("nn_module_stack") or {})
+    if src.meta.get("stack_trace"):
+        node.meta["stack_trace"] = src.meta["stack_trace"]
+    return node
+
+
 def downstream(node: Node) -> list[Node]:
     """All nodes that (transitively) use ``node``, in graph order."""
     seen: set[Node] = set()

@@ -12,18 +12,12 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
+from ..ir.rewrite import copy_source_meta
 from ..ir.sites import AttentionSite
 from ..ops.zero_tprune_layer import log_size_bias
 from .explicit_attention import explicit_attention_nodes
 
 aten = torch.ops.aten
-
-
-def _meta_from(node: Node, src: Node) -> Node:
-    node.meta["nn_module_stack"] = dict(src.meta.get("nn_module_stack") or {})
-    if src.meta.get("stack_trace"):
-        node.meta["stack_trace"] = src.meta["stack_trace"]
-    return node
 
 
 def add_size_bias(gm: GraphModule, site: AttentionSite, size: Node, keep_fused: bool = True) -> None:
@@ -39,7 +33,7 @@ def add_size_bias(gm: GraphModule, site: AttentionSite, size: Node, keep_fused: 
     if keep_fused and site.kind == "sdpa" and site.extra.get("attn_mask") is None:
         sdpa = site.core[0]
         with g.inserting_before(sdpa):
-            bias = _meta_from(g.call_function(log_size_bias, (size,)), sdpa)     # [B, 1, 1, N]
+            bias = copy_source_meta(g.call_function(log_size_bias, (size,)), sdpa)     # [B, 1, 1, N]
         if len(sdpa.args) > 3:
             sdpa.args = sdpa.args[:3] + (bias,) + sdpa.args[4:]
         else:
@@ -52,6 +46,6 @@ def add_size_bias(gm: GraphModule, site: AttentionSite, size: Node, keep_fused: 
     probs = site.attn_probs
     logits = probs.args[0]
     with g.inserting_before(probs):
-        bias = _meta_from(g.call_function(log_size_bias, (size,)), probs)
-        biased = _meta_from(g.call_function(aten.add.Tensor, (logits, bias)), probs)
+        bias = copy_source_meta(g.call_function(log_size_bias, (size,)), probs)
+        biased = copy_source_meta(g.call_function(aten.add.Tensor, (logits, bias)), probs)
     probs.replace_input_with(logits, biased)

@@ -27,7 +27,7 @@ from ..errors import InvalidPassConfigError
 from ..eval.flops import gmacs
 from ..ir.capture import recapture
 from ..ir.match import find_attention_sites
-from ..ir.rewrite import relax_token_dim
+from ..ir.rewrite import copy_source_meta, relax_token_dim
 from ..ir.sites import AttentionSite
 from ..ir.tags import tag_token_select
 from ..ops import tome as tome_ops
@@ -150,13 +150,6 @@ def unit_sizes(x: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(x[..., :1])
 
 
-def _meta_from(node: Node, src: Node) -> Node:
-    node.meta["nn_module_stack"] = dict(src.meta.get("nn_module_stack") or {})
-    if src.meta.get("stack_trace"):
-        node.meta["stack_trace"] = src.meta["stack_trace"]
-    return node
-
-
 # ---------------------------------------------------------------- the pass
 
 @register_pass("tome")
@@ -235,17 +228,17 @@ class ToMe(Pass):
                 continue
             x = site.attn_residual
             with g.inserting_before(x.next):
-                metric = _meta_from(g.call_function(head_mean_keys, (site.k,)), x)
+                metric = copy_source_meta(g.call_function(head_mean_keys, (site.k,)), x)
                 own = set()
                 if size is None:
-                    size = _meta_from(g.call_function(unit_sizes, (x,)), x)
+                    size = copy_source_meta(g.call_function(unit_sizes, (x,)), x)
                     own.add(size)
-                packed = _meta_from(g.call_function(tome_ops.bipartite_soft_matching, (metric, r, dims.prefix)), x)
+                packed = copy_source_meta(g.call_function(tome_ops.bipartite_soft_matching, (metric, r, dims.prefix)), x)
                 tag_token_select(packed, block=site.block_index, kind="tome", tokens_in=n, r=r)
-                merged = _meta_from(g.call_function(tome_ops.merge_tokens, (x, size, packed)), x)
+                merged = copy_source_meta(g.call_function(tome_ops.merge_tokens, (x, size, packed)), x)
                 own.add(merged)
-                x_new = _meta_from(g.call_function(operator.getitem, (merged, 0)), x)
-                size = _meta_from(g.call_function(operator.getitem, (merged, 1)), x)
+                x_new = copy_source_meta(g.call_function(operator.getitem, (merged, 0)), x)
+                size = copy_source_meta(g.call_function(operator.getitem, (merged, 1)), x)
             x.replace_all_uses_with(x_new, delete_user_cb=lambda u, own=own: u not in own)
             first_out = first_out or x_new
             n -= r

@@ -73,7 +73,7 @@ from ..errors import InvalidPassConfigError
 from ..eval.flops import gmacs as measure_gmacs
 from ..ir.capture import recapture
 from ..ir.match import find_attention_sites
-from ..ir.rewrite import node_values, relax_token_dim
+from ..ir.rewrite import copy_source_meta, node_values, relax_token_dim
 from ..ir.sites import AttentionSite
 from ..ir.tags import tag_token_select, token_select_outputs
 from ..ops.head_filter import VAR_NORMS
@@ -458,7 +458,7 @@ class ZeroTPrune(Pass):
             own.append(new_x)
             tag_token_select(idx, block=lp.block, kind="prune", tokens_in=lp.n_in)
             for node in [sel, idx, new_x, *extra]:
-                _with_meta(node, out)
+                copy_source_meta(node, out)
             out.replace_all_uses_with(new_x, delete_user_cb=lambda u, _n=tuple(own): u not in _n)
             first_gather = first_gather or new_x
         if first_gather is not None:
@@ -487,13 +487,6 @@ def _probs(gm: GraphModule, site: AttentionSite) -> Node:
     probs = explicit_attention_nodes(gm, site)
     site.kind, site.attn_probs = "explicit", probs
     return probs
-
-
-def _with_meta(node: Node, src: Node) -> Node:
-    node.meta["nn_module_stack"] = dict(src.meta.get("nn_module_stack") or {})
-    if src.meta.get("stack_trace"):
-        node.meta["stack_trace"] = src.meta["stack_trace"]
-    return node
 
 
 def all_indices(x: torch.Tensor) -> torch.Tensor:
