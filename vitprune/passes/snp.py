@@ -15,7 +15,6 @@ least-squares recovery run with those widths.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -23,13 +22,14 @@ import torch
 from torch.fx import GraphModule
 
 from ..calibration import load_calibration_images
-from ..errors import InvalidPassConfigError, UnsupportedModelError
+from ..errors import InvalidPassConfigError
 from ..ir.match import find_attention_sites
 from ..ir.sites import AttentionSite
 from .base import Pass, PassContext, register_pass
 from .snp_engine import BlockPlan, EngineOptions, prune_blocks
 from .snp_presets import PRESETS, preset_name
 from .snp_surgery import finalize, value_head_dim
+from .vit_macs import BlockDims
 
 CRITERIA = ("snp", "activation", "lsq", "fisher")
 ALLOCATIONS = ("uniform", "fisher", "recovery")
@@ -47,8 +47,7 @@ def kept(n: int, ratio: float, round_to: int = 1) -> int:
 def block_macs(tokens: int, dim: int, heads: int, qk: int, v: int, mlp: int) -> float:
     """MACs of one block: q/k/v projections ``N·D·H·(2 d_qk + d_v)``, logits ``N²·H·d_qk``,
     probs@v ``N²·H·d_v``, proj ``N·H·d_v·D``, MLP ``2·N·D·M``."""
-    n = tokens
-    return n * dim * heads * (2 * qk + v) + n * n * heads * (qk + v) + n * heads * v * dim + 2 * n * dim * mlp
+    return BlockDims(heads=heads, qk=qk, v=v, mlp_hidden=mlp).block_macs(tokens, dim)
 
 
 def _check_ratio(name: str, value, allow_list: bool = True) -> None:
