@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
@@ -100,3 +99,78 @@ def test_cli_viz_writes_png_and_groups(tmp_path):
     assert [L["tokens"] for L in layers][:3] == [177, 157, 137]  # 197 - 20 per block, CLS included
     assert rc == 0
     assert main(["viz", "--model", "deit_tiny_patch16_224", "--image", str(img), "--out", str(out)]) == 2
+
+
+def _ztp_reference_groups(n, kept, src, dst):
+    """Independent per-layer map for one sample (plain Python): token -> output position or -1.
+    A source joins its destination; a destination the I-stage dropped takes its sources along."""
+    kept, src, dst = kept.tolist(), src.tolist(), dst.tolist()
+    pos = {t: i for i, t in enumerate(kept)}
+    join = dict(zip(src, dst))
+    return [pos.get(join.get(t, t), -1) for t in range(n)]
+
+
+def test_ztp_merge_groups_against_eager_selection_and_carried_sizes():
+    from vitprune.ops.zero_tprune_layer import select_tokens
+    from vitprune.passes import ZeroTPrune
+
+    torch.manual_seed(0)
+    m = VisionTransformer(img_size=96, patch_size=16, embed_dim=48, depth=4, num_heads=3, num_classes=10).eval()
+    x = torch.randn(2, 3, 96, 96)
+    c = vitprune.compile(m, [ZeroTPrune(prune_blocks=[0, 1, 2], counts=[10, 8, 6])], example_inputs=x)
+    rec = c.report.passes[0]
+    assert rec["r_s"] == [7, 6, 4] and rec["r_i"] == [3, 2, 2]
+    layers = token_groups(c, x)
+    assert [L["kind"] for L in layers] == ["merge"] * 3
+    # (1) the first layer against the op run eagerly on the timm block's own attention and keys
+    blk = m.blocks[0]
+    with torch.no_grad():
+        y = blk.norm1(m._pos_embed(m.patch_embed(x)))
+        q, k, _ = blk.attn.qkv(y).reshape(2, 37, 3, 3, 16).permute(2, 0, 3, 1, 4)
+        attn = ((q * blk.attn.scale) @ k.transpose(-2, -1)).softmax(-1)
+    kept, src, dst = select_tokens(attn, k, n_after_s=30, n_keep=27, num_prefix=1, iters=30, return_merge=True)
+    for b in range(2):
+        assert layers[0]["group"][b].tolist() == _ztp_reference_groups(37, kept[b], src[b], dst[b])
+    # (2) every layer: group sizes == the token sizes the merge variant carries (exp of the
+    # log(size) attention bias of the next block), every output token is used, CLS stays alone
+    from vitprune.ir.rewrite import node_values
+    logs = [n for n in c.graph_module.graph.nodes if n.target == torch.ops.aten.log.default]
+    vals = node_values(c.graph_module, (x,), set(logs))
+    sizes = [vals[n].exp().round().to(torch.int64) for n in logs]          # [B, K_l] per layer
+    assert [s.shape[1] for s in sizes] == rec["tokens_per_layer"]
+    for L, size in zip(layers, sizes):
+        g = L["group"]
+        for b in range(2):
+            counts = torch.bincount(g[b][g[b] >= 0], minlength=size.shape[1])
+            assert counts.tolist() == size[b].tolist()
+            assert g[b, 0] == 0 and counts[0] == 1
+    assert (layers[0]["group"] < 0).sum(1).min() >= rec["r_i"][0]          # I-stage drops at least r_I
+    # mode=prune still tags plain kept indices
+    p = vitprune.compile(m, [ZeroTPrune(prune_blocks=[0, 1, 2], counts=[10, 8, 6], mode="prune")], example_inputs=x)
+    assert [L["kind"] for L in token_groups(p, x)] == ["prune"] * 3
+
+
+def test_merge_groups_hand_made_with_dropped_destination():
+    from vitprune.eval.viz import layer_label
+    from vitprune.ir.tags import tag_token_select
+    from vitprune.ops.zero_tprune_layer import pack_merge
+
+    def layer1(x):   # N=7: kept 0 2 4 5; 1 -> 2; 6 -> 3, but the I-stage dropped 3
+        t = torch.tensor
+        return pack_merge(t([[0, 2, 4, 5]]), t([[1, 6]]), t([[2, 3]])).expand(x.shape[0], -1)
+
+    def layer2(x):   # N=4: kept 0 1; 3 (orig 5) -> 1 (orig 2); 2 (orig 4) dropped
+        t = torch.tensor
+        return pack_merge(t([[0, 1]]), t([[3]]), t([[1]])).expand(x.shape[0], -1)
+
+    g = torch.fx.Graph()
+    xin = g.placeholder("x")
+    a, b = g.call_function(layer1, (xin,)), g.call_function(layer2, (xin,))
+    g.output((a, b))
+    tag_token_select(a, block=0, kind="merge", tokens_in=7, n_keep=4, r_s=2)
+    tag_token_select(b, block=1, kind="merge", tokens_in=4, n_keep=2, r_s=1)
+    layers = token_groups(torch.fx.GraphModule(torch.nn.Module(), g), torch.zeros(2, 3, 8, 8))
+    assert layers[0]["group"].tolist() == [[0, 1, 1, -1, 2, 3, -1]] * 2
+    assert layers[1]["group"].tolist() == [[0, 1, 1, -1, -1, 1, -1]] * 2
+    assert layer_label(layers[1]["group"][0, 1:].numpy(), "merge") == "1 tokens (2 merged, 3 dropped)"
+    assert layer_label(np.array([1, -1, 2, 3]), "prune") == "3/4 patches kept"

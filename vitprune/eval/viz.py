@@ -2,7 +2,8 @@
 
 :func:`token_groups` runs a pruned GraphModule once (``torch.fx.Interpreter``) and reads the
 selection values that token-reduction passes tag (:mod:`vitprune.ir.tags`): kept indices for
-pruning (Zero-TPrune) and the packed matching for merging (ToMe). Composing them layer by layer
+pruning (Zero-TPrune ``mode=prune``), the packed matching for merging (ToMe) and the packed
+``kept | src | dst`` of Zero-TPrune's merge variant. Composing them layer by layer
 gives, for every original token, the token that stands for it after each layer (or −1 once it is
 dropped). :func:`draw_kept_tokens` draws one panel per layer with matplotlib: dropped patches
 greyed out, patches merged into one token filled with that group's colour.
@@ -19,6 +20,7 @@ from torch.fx import GraphModule
 from ..ir.rewrite import node_values
 from ..ir.tags import token_select_outputs
 from ..ops.tome import unpack_matching
+from ..ops.zero_tprune_layer import unpack_merge
 
 
 @torch.no_grad()
@@ -30,10 +32,15 @@ def token_groups(module, x: torch.Tensor) -> list[dict]:
         x: ``[B, 3, H, W]`` images.
 
     Returns:
-        per layer, in graph order: ``{"block": int, "kind": "prune"|"tome", "group": [B, N0] int64}``
-        where ``group[b, t]`` is the position, in the layer's output sequence, of the token that
-        original token ``t`` now belongs to, or −1 if it was dropped. Tokens sharing a group
-        value were merged. Empty if the graph has no tagged layer.
+        per layer, in graph order: ``{"block": int, "kind": "prune"|"tome"|"merge", "group": [B, N0]
+        int64}`` where ``group[b, t]`` is the position, in the layer's output sequence, of the
+        token that original token ``t`` now belongs to, or −1 if it was dropped. Tokens sharing a
+        group value were merged. Empty if the graph has no tagged layer.
+
+    In a merge layer (``"tome"``, ``"merge"``) ``src``/``dst`` index the layer's input sequence;
+    a source joins its destination's group. Zero-TPrune's I-stage may then drop a destination
+    (``dst`` not in ``kept``): the destination and every source merged into it are dropped (−1),
+    as the merged token is not gathered.
     """
     gm: GraphModule = getattr(module, "graph_module", module)
     wanted = token_select_outputs(gm)
@@ -46,8 +53,9 @@ def token_groups(module, x: torch.Tensor) -> list[dict]:
     for node, tag in wanted:
         val = values[node]
         n_in = tag["tokens_in"]
-        if tag["kind"] == "tome":
-            kept, src, dst = unpack_matching(val, n_in)
+        if tag["kind"] in ("tome", "merge"):
+            kept, src, dst = (unpack_matching(val, n_in) if tag["kind"] == "tome"
+                              else unpack_merge(val, tag["n_keep"]))
             dest = torch.arange(n_in).expand(x.shape[0], n_in).clone()  # current token -> token it joins
             dest.scatter_(1, src, dst)
         else:
@@ -67,6 +75,19 @@ def patch_grid(num_tokens: int, num_prefix: int) -> int:
     if side * side != num_tokens - num_prefix:
         raise ValueError(f"{num_tokens - num_prefix} patch tokens do not form a square grid; pass num_prefix")
     return side
+
+
+def layer_label(patches: np.ndarray, kind: str) -> str:
+    """Panel caption from one sample's patch groups ``[M]`` (prefix tokens excluded).
+
+    Pruning (``"prune"``): ``"K/M patches kept"``. Merging (``"tome"``, ``"merge"``):
+    ``"K tokens (M merged, P dropped)"``: ``K`` patch tokens left, ``M`` patches merged into
+    another one (alive patches minus tokens), ``P`` patches dropped."""
+    alive = patches[patches >= 0]
+    if kind not in ("tome", "merge"):
+        return f"{len(alive)}/{len(patches)} patches kept"
+    tokens = len(np.unique(alive))
+    return f"{tokens} tokens ({len(alive) - tokens} merged, {len(patches) - len(alive)} dropped)"
 
 
 def draw_kept_tokens(image: np.ndarray, layers: Sequence[dict], out: str, num_prefix: int = 1,
@@ -116,11 +137,7 @@ def draw_kept_tokens(image: np.ndarray, layers: Sequence[dict], out: str, num_pr
             elif counts[g] > 1:
                 img[sl] = 0.45 * img[sl] + 0.55 * palette[g % len(palette)]
         ax.imshow(img)
-        kept = int((patches >= 0).sum())
-        tokens = len(np.unique(patches[patches >= 0]))
-        label = (f"{tokens} patch tokens ({len(patches) - tokens} merged)" if L["kind"] == "tome"
-                 else f"{kept}/{len(patches)} patches kept")
-        ax.set_title(f"{name}\n{label}", fontsize=10)
+        ax.set_title(f"{name}\n{layer_label(patches, L['kind'])}", fontsize=10)
     if title:
         fig.suptitle(title, fontsize=12)
     fig.tight_layout(rect=(0, 0, 1, 0.97 if rows > 1 else 0.93) if title else None)

@@ -9,6 +9,9 @@ Tag value (a JSON-friendly dict under ``TOKEN_SELECT``)::
 
     {"block": i, "kind": "prune", "tokens_in": N}   # value: kept indices [B, K] (int64)
     {"block": i, "kind": "tome",  "tokens_in": N}   # value: [B, N + r] = kept | src | dst indices
+    {"block": i, "kind": "merge", "tokens_in": N, "n_keep": K, "r_s": r}
+                                                    # value: [B, K + 2r] = kept | src | dst indices
+                                                    # (Zero-TPrune merge variant; I-stage drops too)
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ TOKEN_SELECT = "vitprune_token_select"
 def tag_token_select(node: Node, block: int, kind: str, tokens_in: int, **info) -> None:
     """Mark ``node`` as the token selection of pruning/merging layer ``block``.
 
-    ``kind`` is ``"prune"`` (value: kept indices ``[B, K]``, ascending) or ``"tome"`` (value: the
-    packed matching of :func:`vitprune.ops.tome.bipartite_soft_matching`).
+    ``kind`` is ``"prune"`` (value: kept indices ``[B, K]``, ascending), ``"tome"`` (value: the
+    packed matching of :func:`vitprune.ops.tome.bipartite_soft_matching`) or ``"merge"`` (value:
+    :func:`vitprune.ops.zero_tprune_layer.pack_merge`, with ``n_keep`` and ``r_s`` in ``info``).
     """
     custom = dict(node.meta.get("custom") or {})
     custom[TOKEN_SELECT] = {"block": int(block), "kind": kind, "tokens_in": int(tokens_in), **info}

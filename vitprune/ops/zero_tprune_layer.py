@@ -15,7 +15,8 @@ Importance variants sharing the plumbing (baselines asked for by the issue):
   random but the same for every image; no S-stage.
 
 Merge variant helpers: :func:`merge_into` (size-weighted merge of the S-stage pairs, one-hot
-matmul), :func:`unit_sizes`, :func:`log_size_bias` (proportional attention) and :func:`mark`.
+matmul), :func:`unit_sizes`, :func:`log_size_bias` (proportional attention), :func:`mark`, and
+:func:`pack_merge` / :func:`unpack_merge` (one tagged node holding a merge layer's kept | src | dst).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from .similarity import key_features, s_stage
 from .token_select import gather_attention, gather_tokens, topk_keep
 from .wpr import wpr
 
-__all__ = ["select_tokens", "random_keep", "merge_into", "unit_sizes", "log_size_bias", "IMPORTANCES"]
+__all__ = ["select_tokens", "random_keep", "merge_into", "unit_sizes", "log_size_bias", "pack_merge", "unpack_merge",
+           "IMPORTANCES"]
 
 IMPORTANCES = ("wpr", "cls", "random")
 
@@ -136,3 +138,23 @@ def log_size_bias(size: torch.Tensor) -> torch.Tensor:
 def mark(idx: torch.Tensor) -> torch.Tensor:
     """``idx + 0``: a node to carry the kept-token tag when the selection has several outputs."""
     return idx + 0
+
+
+def pack_merge(kept: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """One ``[B, K + 2·r_S]`` int64 tensor ``kept | src | dst`` of a merge-variant layer, so that the
+    graph has a single node to tag (kind ``"merge"``, :mod:`vitprune.ir.tags`) and read for
+    kept-token maps. All three index the layer's *input* sequence ``N`` (:func:`select_tokens`
+    with ``return_merge``). Split it with :func:`unpack_merge`."""
+    return torch.cat([kept, src, dst], dim=1)
+
+
+def unpack_merge(packed: torch.Tensor, n_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split :func:`pack_merge`'s output into ``kept [B, n_keep]``, ``src [B, r_S]``, ``dst [B, r_S]``."""
+    r = (packed.shape[1] - n_keep) // 2
+    return packed[:, :n_keep], packed[:, n_keep:n_keep + r], packed[:, n_keep + r:]
+
+
+def packed_kept(packed: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """The kept indices ``[B, n_keep]`` of :func:`pack_merge`'s output (the gathers read this, so
+    the tagged packed node stays in the graph)."""
+    return packed[:, :n_keep]

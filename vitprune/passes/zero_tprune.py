@@ -26,12 +26,14 @@ Counting
 
 Kept indices (for kept-token maps)
     Each pruning layer's selection subgraph is tagged with
-    :func:`vitprune.ir.tags.tag_token_select` (``kind="prune"``; export copies ``custom``
-    metadata to every ATen node it traces from the tagged node). :func:`kept_token_indices` runs a pruned GraphModule (or
-    a ``CompiledModule``) on images and returns, per pruning layer, the kept token indices in
-    the *original* token sequence (``[B, K_l]``, prefix tokens first, ascending). With
-    ``record_indices=True`` the pass also records the kept indices of the example inputs in
-    the report. (Agreed interface for ``vitprune viz``.)
+    :func:`vitprune.ir.tags.tag_token_select` (``kind="prune"``: the kept indices; merge-variant
+    layers that merge something: ``kind="merge"``, the packed ``kept | src | dst`` of
+    :func:`vitprune.ops.zero_tprune_layer.pack_merge`, so kept-token maps colour merged patches;
+    export copies ``custom`` metadata to every ATen node it traces from the tagged node).
+    :func:`kept_token_indices` runs a pruned GraphModule (or a ``CompiledModule``) on images
+    and returns, per pruning layer, the kept token indices in the *original* token sequence
+    (``[B, K_l]``, prefix tokens first, ascending). With ``record_indices=True`` the pass also
+    records the kept indices of the example inputs in the report. (Agreed interface for ``vitprune viz``.)
 
 Config knobs beyond the schedule: ``iters`` (WPR iterations for pruning layers after the
 first three blocks / the middle / the last three blocks, default 30/5/1; ``layer_iters``
@@ -80,7 +82,8 @@ from ..ops.head_filter import VAR_NORMS
 from ..ops.similarity import partition_sizes, s_stage_macs
 from ..ops.token_select import gather_tokens
 from ..ops.wpr import wpr_macs
-from ..ops.zero_tprune_layer import IMPORTANCES, mark, merge_into, random_keep, select_tokens, unit_sizes
+from ..ops.zero_tprune_layer import (IMPORTANCES, mark, merge_into, pack_merge, packed_kept, random_keep, select_tokens,
+                                     unit_sizes, unpack_merge)
 from .base import Pass, PassContext, register_pass
 from .explicit_attention import explicit_attention_nodes
 from .proportional_attention import add_size_bias
@@ -405,6 +408,7 @@ class ZeroTPrune(Pass):
                 continue
             out = site.block_output
             own: list[Node] = []
+            tagged = False
             with g.inserting_after(out):
                 if lp.n_out == lp.n_in:                          # removes nothing: identity gather only
                     idx = sel = g.call_function(all_indices, (out,))
@@ -428,8 +432,18 @@ class ZeroTPrune(Pass):
                     src = g.call_function(operator.getitem, (sel, 1))
                 with g.inserting_after(src):
                     dst = g.call_function(operator.getitem, (sel, 2))
-                with g.inserting_after(dst):
-                    idx = g.call_function(mark, (kept,))
+                if lp.r_s > 0:                                   # one tagged node: kept | src | dst
+                    with g.inserting_after(dst):
+                        packed = g.call_function(pack_merge, (kept, src, dst))
+                    with g.inserting_after(packed):
+                        idx = g.call_function(packed_kept, (packed, lp.n_out))
+                    tag_token_select(packed, block=lp.block, kind="merge", tokens_in=lp.n_in,
+                                     n_keep=lp.n_out, r_s=lp.r_s)
+                    copy_source_meta(packed, out)
+                    tagged = True
+                else:                                            # nothing merged: a plain pruning layer
+                    with g.inserting_after(dst):
+                        idx = g.call_function(mark, (kept,))
                 cur = idx
                 if size is None:
                     with g.inserting_after(cur):
@@ -456,7 +470,8 @@ class ZeroTPrune(Pass):
                         size = g.call_function(gather_tokens, (size, idx))
                     extra.append(size)
             own.append(new_x)
-            tag_token_select(idx, block=lp.block, kind="prune", tokens_in=lp.n_in)
+            if not tagged:
+                tag_token_select(idx, block=lp.block, kind="prune", tokens_in=lp.n_in)
             for node in [sel, idx, new_x, *extra]:
                 copy_source_meta(node, out)
             out.replace_all_uses_with(new_x, delete_user_cb=lambda u, _n=tuple(own): u not in _n)
@@ -519,9 +534,10 @@ def tokens_per_block(info: ModelInfo, plans: list[LayerPlan]) -> list[int]:
     return n_at
 
 
-def _index_nodes(gm: GraphModule) -> list[tuple[int, Node]]:
-    """For each tagged pruning layer (kind ``"prune"``), the node holding its kept indices ``[B, K]``."""
-    return [(tag["block"], node) for node, tag in token_select_outputs(gm) if tag.get("kind") == "prune"]
+def _index_nodes(gm: GraphModule) -> list[tuple[dict, Node]]:
+    """For each tagged Zero-TPrune layer, its tag and the node holding its kept indices: kind
+    ``"prune"`` (value ``[B, K]``) or ``"merge"`` (value ``kept | src | dst``, :func:`pack_merge`)."""
+    return [(tag, node) for node, tag in token_select_outputs(gm) if tag.get("kind") in ("prune", "merge")]
 
 
 @torch.no_grad()
@@ -544,8 +560,10 @@ def kept_token_indices(module, x: torch.Tensor) -> list[torch.Tensor]:
         return []
     values = node_values(gm, (x,), {n for _, n in wanted})
     result, prev = [], None
-    for _, node in wanted:
+    for tag, node in wanted:
         idx = values[node]
+        if tag["kind"] == "merge":
+            idx = unpack_merge(idx, tag["n_keep"])[0]
         orig = idx if prev is None else gather_tokens(prev, idx)
         result.append(orig)
         prev = orig
