@@ -31,7 +31,8 @@ def main() -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--tune", nargs="*", default=[], choices=["unpruned", "pruned"], help="variants to tune now")
     ap.add_argument("--tune-batch", type=int, default=1)
-    ap.add_argument("--trials", type=int, default=None, help="MetaSchedule trials per task (default: the package's)")
+    ap.add_argument("--trials", type=int, default=None,
+                    help="mean MetaSchedule trials per tuned task (default: the package's)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--variants", nargs="+", default=["unpruned", "pruned"], choices=["unpruned", "pruned"])
     ap.add_argument("--skip", nargs="*", default=[], help="rows to skip: eager compile onnx tvm tvm-tuned")

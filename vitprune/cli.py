@@ -204,7 +204,8 @@ def _export_args(p):
     p.add_argument("--target", help="tvm target: cpu (default), cuda, arm")
     p.add_argument("--arch", help="CUDA arch for --target cuda, e.g. sm_80")
     p.add_argument("--tune", action="store_true", help="tvm cpu: MetaSchedule-tune first (cached)")
-    p.add_argument("--trials", type=int, default=None, help="tuning trials per task")
+    p.add_argument("--trials", type=int, default=None,
+                   help="tvm: mean MetaSchedule trials per tuned task (budget = N x tasks worth tuning)")
     p.add_argument("--batch-size", type=int, default=1, help="example batch (TVM builds for this batch)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
     p.add_argument("--calib", help="calibration image folder for passes that need data")
@@ -249,7 +250,9 @@ def cmd_export(args) -> int:
 def _tune_args(p):
     add_model_args(p)
     add_pass_args(p)
-    p.add_argument("--trials", type=int, default=None, help="MetaSchedule trials per task (default: package's)")
+    p.add_argument("--trials", type=int, default=None,
+                   help="mean MetaSchedule trials per tuned task (default: the package's); "
+                        "tasks the target's database already has cost nothing")
     p.add_argument("--batch-size", type=int, default=1, help="batch size to tune for")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads (TVM num-cores)")
 

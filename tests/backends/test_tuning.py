@@ -1,4 +1,5 @@
-"""MetaSchedule tuning with the cache: one tiny real tune (1 trial per task), then cache hits."""
+"""MetaSchedule tuning with the shared per-target cache: a tiny real tune (1 trial per task), cache
+hits, reuse of tasks across graphs, and the trial plan."""
 
 import json
 import os
@@ -13,15 +14,19 @@ from vitprune.errors import BackendError
 from vitprune.ir.capture import export_program
 
 
-def _mlp(seed):
+def _mlp(seed, extra=False):
+    """One 768x512 linear (untuned ~0.3 ms: above the plan's threshold); ``extra`` adds a second one."""
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 16)).eval()
+    layers = [torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 512)]
+    if extra:
+        layers += [torch.nn.Linear(512, 384)]
+    return torch.nn.Sequential(*layers).eval()
 
 
 @pytest.mark.slow
 def test_tune_then_cache_hit(cache_dir):
     """~1 min on an idle 2-core machine (worker start-up dominates); 1 task, 1 trial."""
-    x = torch.randn(1, 3, 4, 4)
+    x = torch.randn(1, 3, 16, 16)
     m = _mlp(0)
     gm = export_program(m, (x,)).module()
     first = TvmBackend().lower(gm, (x,), tune=True, trials=1, progress=False, tune_ops=["matmul"])
@@ -49,6 +54,17 @@ def test_tune_then_cache_hit(cache_dir):
     # compile without tune=True also uses the cache
     assert TvmBackend().lower(gm, (x,), progress=False, tune_ops=["matmul"]).tuning.cache_hit
 
+    # a bigger graph on the same target: only its new task is tuned, the first one's schedule is reused
+    m3 = _mlp(2, extra=True)
+    third = TvmBackend().lower(export_program(m3, (x,)).module(), (x,), tune=True, trials=1, progress=False,
+                               tune_ops=["matmul"])
+    assert third.tuning.work_dir == tr.work_dir and third.tuning.num_tasks == 1 and third.tuning.trials >= 1
+    manifest = json.load(open(os.path.join(tr.work_dir, tuning.MANIFEST)))
+    assert len(manifest) == 2 and all(v["trials"] >= 1 for v in manifest.values())
+    assert open(os.path.join(tr.work_dir, tuning.RECORDS)).read().startswith(records)
+    with torch.no_grad():
+        assert (third(x) - m3(x)).abs().max().item() < 1e-5
+
     # a database from another TVM version: an explicit error when applied, a re-tune warning from tune()
     meta["tvm_version"] = "0.1.0"
     json.dump(meta, open(os.path.join(tr.work_dir, "meta.json"), "w"))
@@ -69,3 +85,52 @@ def test_tuning_rejects_bad_budget_and_foreign_target(cache_dir):
 def test_incomplete_database_is_refused(tmp_path):
     with pytest.raises(BackendError, match="not a complete vitprune tuning database"):
         tuning.check_database(str(tmp_path))
+
+
+def test_plan_spends_trials_where_the_untuned_time_is():
+    from vitprune.backends.tuning_plan import TaskCost, plan_trials
+
+    costs = [TaskCost("big", "a", 4, 1e8, 25.0), TaskCost("mid", "b", 1, 1e6, 1.0),
+             TaskCost("tiny", "c", 12, 0.0, 0.001), TaskCost("unmeasured", "d", 1, 0.0, float("nan"))]
+    plan = plan_trials(costs, trials=16, min_ms=0.05, min_trials=4, max_trials=64)
+    assert plan["c"] == 0                                   # 12 x 1 us < 0.05 ms: left untuned
+    # budget 16 x 3 tuned tasks over sqrt(100 ms), sqrt(1 ms) and the unmeasurable task, which is tuned
+    # like the largest measured one rather than left to chance: 48 * 10 / 21 = 22.9
+    assert plan["a"] == plan["d"] == 23 and plan["b"] == 4  # 48 * 1 / 21 = 2.3, raised to min_trials
+    assert plan_trials(costs, trials=100, max_trials=64)["a"] == 100  # max_trials never below the mean
+    assert plan_trials(costs, trials=40, max_trials=64)["a"] == 57
+    # sqrt proportionality between two uncapped tasks
+    plan = plan_trials([TaskCost("x", "x", 1, 0, 4.0), TaskCost("y", "y", 1, 0, 1.0)], trials=30,
+                       min_trials=1, max_trials=1000)
+    assert plan == {"x": 40, "y": 20}
+    assert plan_trials([TaskCost("t", "t", 1, 0, 0.0)], trials=8) == {"t": 0}
+
+
+def test_merge_keeps_only_schedules_faster_than_the_untuned_code(tmp_path):
+    """A tuned record slower than the task's untuned time must not reach the shared database (the
+    database would otherwise apply the best of a bad lot)."""
+    import tvm
+    import tvm_ffi
+    from tvm import te
+    from tvm.s_tir import Schedule
+    from tvm.s_tir import meta_schedule as ms
+
+    a = te.placeholder((4,), name="A")
+    mod = tvm.IRModule({"main": te.create_prim_func([a, te.compute((4,), lambda i: a[i] + 1, name="B")])})
+    target = tvm.target.Target({"kind": "llvm"})
+    (tmp_path / "src").mkdir()
+    src = ms.database.JSONDatabase(work_dir=str(tmp_path / "src"))
+    wl = src.commit_workload(mod)
+    args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+    for secs in (2e-3, 5e-4):                                   # 2 ms and 0.5 ms
+        src.commit_tuning_record(ms.database.TuningRecord(Schedule(mod).trace, wl, [secs], target, args))
+    key = str(tvm_ffi.structural_hash(mod))
+
+    n, kept = tuning._merge(str(tmp_path / "src"), str(tmp_path / "dst"), {key: 1.0})
+    assert n == 2 and kept == {key}
+    got = ms.database.JSONDatabase(work_dir=str(tmp_path / "dst")).get_all_tuning_records()
+    assert [float(r.run_secs[0]) for r in got] == [5e-4]
+
+    n, kept = tuning._merge(str(tmp_path / "src"), str(tmp_path / "none"), {key: 0.1})  # untuned: 0.1 ms
+    assert n == 2 and kept == set()
+    assert not ms.database.JSONDatabase(work_dir=str(tmp_path / "none")).get_all_tuning_records()

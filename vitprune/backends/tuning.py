@@ -1,18 +1,25 @@
-"""MetaSchedule autotuning with an on-disk cache (TVM_NOTES.md §2; DESIGN.md "Caches are explicit").
+"""MetaSchedule autotuning with an on-disk cache shared by every graph of a target (TVM_NOTES.md §2;
+DESIGN.md "Caches are explicit").
 
-A tuning database lives in ``$VITPRUNE_CACHE/tuning/<key>/`` (default ``~/.cache/vitprune``), where
-``key`` hashes the target JSON (kind, mcpu, num-cores, ...) and the workload: the structural hash of
-the Relax module being tuned (so the model, input shape, pruning config / kept-token counts and the
-fast-math flag all enter it). ``meta.json`` in that folder records the TVM version and the budget.
-A cache from another TVM version is re-tuned with a warning (schedules are not portable across
-versions). Tuning writes into a temporary folder that is renamed into place only when complete,
-so an interrupted tune leaves nothing half-written.
+One tuning database per target lives in ``$VITPRUNE_CACHE/tuning/<key>/`` (default
+``~/.cache/vitprune``), where ``key`` hashes the target JSON (kind, mcpu, num-cores, ...) and the TVM
+version. MetaSchedule records are matched per task by the task's structural hash (shapes and ops, not
+weight values), so every graph compiled for that target reuses the schedules of every task tuned
+before: a pruned model reuses the unpruned model's schedules for the blocks before the first pruning
+layer, and a second ``tune`` of the same graph measures nothing. ``tasks.json`` lists the tasks already
+handled (tuned, or measured too cheap to tune, see :mod:`vitprune.backends.tuning_plan`); a tuned
+schedule enters the database only if it is faster than the task's untuned code. ``meta.json``
+records the TVM version. A tune writes into a temporary folder and merges into the shared database
+only when complete (under a file lock, files replaced atomically), so an interrupted tune leaves the
+cache as it was.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import threading
@@ -24,6 +31,7 @@ from typing import Optional, Sequence
 from ..errors import BackendError
 
 DEFAULT_TRIALS_PER_TASK = 32
+MANIFEST = "tasks.json"
 META = "meta.json"
 RECORDS = "database_tuning_record.json"
 WORKLOADS = "database_workload.json"
@@ -44,25 +52,6 @@ def prepare_for_tuning(mod, target):
         return tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
                                          relax.transform.CanonicalizeBindings(),
                                          relax.get_pipeline("zero")])(mod)
-
-
-def cache_key(tuned_mod, target, op_names: Optional[Sequence[str]] = None) -> str:
-    """sha256 (first 16 hex digits) of the target JSON and the workload: the structural hashes of the
-    tuning tasks' PrimFuncs (shapes and ops, not weight values, so a re-trained or re-pruned model with
-    the same shapes hits the same cache)."""
-    import tvm_ffi
-    from tvm.s_tir import meta_schedule as ms
-
-    from .targets import target_json
-
-    tasks = ms.relax_integration.extract_tasks(tuned_mod, target)
-    hashes = sorted(str(tvm_ffi.structural_hash(t.dispatched[0])) for t in tasks)
-    h = hashlib.sha256()
-    h.update(target_json(target).encode())
-    h.update(",".join(hashes).encode())
-    if op_names:  # a partial tune is its own database
-        h.update(("ops:" + ",".join(sorted(op_names))).encode())
-    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -111,11 +100,7 @@ def _remove_stale(root: str) -> None:
 
 
 def read_meta(work_dir: str) -> dict:
-    try:
-        with open(os.path.join(work_dir, META)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
+    return _read_json(os.path.join(work_dir, META))
 
 
 def check_database(work_dir: str) -> dict:
@@ -138,35 +123,171 @@ def check_database(work_dir: str) -> dict:
     return meta
 
 
+
+def database_dir(target, cache_dir: Optional[str] = None) -> str:
+    """The tuning database folder of ``target``: ``<cache>/tuning/<sha256(target JSON, TVM version)[:16]>``."""
+    import tvm
+
+    from .targets import target_json
+
+    h = hashlib.sha256(f"{target_json(target)}|tvm {tvm.__version__}".encode()).hexdigest()[:16]
+    return os.path.join(cache_dir or cache_root(), "tuning", h)
+
+
+def graph_tasks(mod, target, op_names: Optional[Sequence[str]] = None) -> list:
+    """MetaSchedule tasks of ``mod`` (prepared like ``static_shape_tuning``), optionally only those whose
+    name contains one of ``op_names``."""
+    from tvm.s_tir import meta_schedule as ms
+
+    tasks = ms.relax_integration.extract_tasks(prepare_for_tuning(mod, target), target)
+    return [t for t in tasks if any(o in t.task_name for o in op_names)] if op_names else tasks
+
+
+def task_key(task) -> str:
+    """Structural hash of a task's PrimFunc module: what MetaSchedule matches records on."""
+    import tvm_ffi
+
+    return str(tvm_ffi.structural_hash(task.dispatched[0]))
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: str, value) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+
+
+class _Lock:
+    """Exclusive ``flock`` on ``<work_dir>.lock`` (concurrent tunes of one target take turns)."""
+
+    def __init__(self, work_dir: str):
+        os.makedirs(os.path.dirname(work_dir), exist_ok=True)
+        self.path = f"{work_dir}.lock"
+
+    def __enter__(self):
+        self.f = open(self.path, "w")
+        fcntl.flock(self.f, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+        self.f.close()
+
+
+def _merge(src_dir: str, work_dir: str, untuned_ms: Optional[dict] = None) -> tuple[int, set]:
+    """Append the records of the database at ``src_dir`` to the one at ``work_dir`` (copy, add, then
+    replace both files).
+
+    ``untuned_ms`` (task key -> untuned time, ms) keeps only records faster than the task's untuned
+    code: with a small budget, or on a busy machine, every sampled schedule of a cheap task can be
+    slower than TVM's default lowering (seen: a 197x192 layer norm at 5.4 ms tuned vs 0.06 ms
+    untuned), and the database would apply the best of them anyway.
+
+    Returns:
+        (records measured, keys of the tasks that got at least one record kept).
+    """
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    staging = f"{work_dir}.merge-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    try:
+        for name in (WORKLOADS, RECORDS):
+            if os.path.exists(os.path.join(work_dir, name)):
+                shutil.copy(os.path.join(work_dir, name), os.path.join(staging, name))
+        dst = ms.database.JSONDatabase(work_dir=staging)
+        records = ms.database.JSONDatabase(work_dir=src_dir).get_all_tuning_records()
+        kept = set()
+        for r in records:
+            key = str(tvm_ffi.structural_hash(r.workload.mod))
+            secs = [float(t) for t in (r.run_secs or [])]
+            limit = (untuned_ms or {}).get(key, math.nan)
+            if not secs or (math.isfinite(limit) and 1000.0 * sum(secs) / len(secs) >= limit):
+                continue
+            wl = dst.commit_workload(r.workload.mod)
+            dst.commit_tuning_record(ms.database.TuningRecord(r.trace, wl, r.run_secs, r.target, r.args_info))
+            kept.add(key)
+        os.makedirs(work_dir, exist_ok=True)
+        os.replace(os.path.join(staging, WORKLOADS), os.path.join(work_dir, WORKLOADS))
+        os.replace(os.path.join(staging, RECORDS), os.path.join(work_dir, RECORDS))
+        return len(records), kept
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _buckets(plan: dict) -> list[tuple[int, list[str]]]:
+    """Group task keys by trial count rounded to a power of two (one MetaSchedule run per group,
+    largest first)."""
+    groups: dict[int, list[str]] = {}
+    for key, n in plan.items():
+        if n > 0:
+            groups.setdefault(2 ** round(math.log2(n)), []).append(key)
+    return sorted(groups.items(), reverse=True)
+
+
+def _run_metaschedule(tasks: list, plan: dict, tmp: str) -> None:
+    """Tune ``tasks`` (ExtractedTask) with ``plan[key]`` trials each into the database at ``tmp``."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from .tvm_fastbuild import pooled_builder
+
+    by_key = {task_key(t): t for t in tasks}
+    builder = pooled_builder(max_workers=os.cpu_count() or 1)
+    runner = ms.runner.LocalRunner(timeout_sec=30)
+    database = ms.database.JSONDatabase(work_dir=tmp)
+    cost_model = ms.cost_model.XGBModel(adaptive_training=True)
+    try:
+        for n, keys in _buckets(plan):
+            # evolutionary search costs ~30 s per task before its first trial (population sampling and
+            # cost-model ranking); for a handful of trials random sampling of the design space
+            # (replay-trace) finds the same and costs nothing
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                [by_key[k] for k in keys], work_dir=tmp, strategy="evolutionary" if n > 8 else "replay-trace")
+            ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=tmp, max_trials_global=n * len(keys),
+                               max_trials_per_task=n, num_trials_per_iter=min(16, n), builder=builder,
+                               runner=runner, database=database, cost_model=cost_model)
+    finally:
+        builder.shutdown()
+
+
 def tune(mod, target, trials_per_task: int = DEFAULT_TRIALS_PER_TASK, cache_dir: Optional[str] = None,
          op_names: Optional[Sequence[str]] = None, progress: bool = True, force: bool = False) -> TuneResult:
-    """Tune ``mod`` (a Relax IRModule, weights embedded) for ``target`` unless the cache has it.
+    """Tune the tasks of ``mod`` for ``target`` that the target's database does not have yet.
 
-    The global budget is ``trials_per_task × number of tasks``; MetaSchedule's gradient task
-    scheduler hands the trials to the tasks where the time goes (at most ``2 × trials_per_task``
-    for one task). Elementwise tasks finish after one trial, so their share goes to the matmuls.
+    Tasks already in the database (from this graph or any other tuned for ``target``) are reused. The
+    new tasks are measured untuned and get trials by :func:`vitprune.backends.tuning_plan.plan_trials`:
+    a budget of ``trials_per_task × (tasks worth tuning)`` split by the square root of each task's
+    untuned time, so the large matmuls get most of it and tasks that cost microseconds get none.
 
     Args:
         mod: Relax module as imported (before legalization); it is prepared like ``static_shape_tuning``.
-        target: a ``tvm.target.Target`` (CPU or ARM llvm; tuning measures on this machine, so only
-            the host CPU target can be tuned here).
-        trials_per_task: budget per task (>= 1).
+        target: a ``tvm.target.Target`` (host CPU llvm: tuning measures on this machine).
+        trials_per_task: mean trials per tuned task (>= 1).
         cache_dir: cache root (default :func:`cache_root`).
-        op_names: restrict tuning to tasks whose name contains one of these (others get no schedule).
-        progress: tqdm bar of measured trials.
-        force: re-tune even on a cache hit.
+        op_names: consider only tasks whose name contains one of these (others get no schedule).
+        progress: tqdm bars (untuned measurement, trials measured).
+        force: re-tune this graph's tasks even when the database has them.
 
     Returns:
-        :class:`TuneResult`; ``work_dir`` is what :func:`compile_tuned` reads.
+        :class:`TuneResult`; ``work_dir`` is what :func:`apply_database` reads; ``cache_hit`` when no
+        task needed tuning; ``num_tasks`` the tasks tuned now; ``trials`` the trials measured now.
 
     Raises:
         BackendError: a non-host target, a bad budget, or a MetaSchedule failure.
     """
     import tvm
-    from tvm.s_tir import meta_schedule as ms
 
     from .targets import target_family, target_json
-    from .tvm_fastbuild import fast_build
+    from .tuning_plan import plan_trials, task_costs
 
     if not isinstance(trials_per_task, int) or trials_per_task < 1:
         raise BackendError(f"trials_per_task must be a positive integer, got {trials_per_task!r}")
@@ -174,58 +295,52 @@ def tune(mod, target, trials_per_task: int = DEFAULT_TRIALS_PER_TASK, cache_dir:
         raise BackendError(f"autotuning measures on this machine, so it needs the host CPU target; got "
                            f"{target_family(target)!r} (tune on the device, or build untuned)")
     t0 = time.time()
-    tmod = prepare_for_tuning(mod, target)
-    key = cache_key(tmod, target, op_names)
-    root = os.path.join(cache_dir or cache_root(), "tuning")
-    work_dir = os.path.join(root, key)
-    meta = read_meta(work_dir)
-    if meta and not force:
-        if meta.get("tvm_version") == tvm.__version__ and os.path.exists(os.path.join(work_dir, RECORDS)):
-            return TuneResult(work_dir, True, meta.get("num_tasks", 0), 0, time.time() - t0)
-        warnings.warn(f"tuning cache {work_dir} was made with TVM {meta.get('tvm_version')}, this is TVM "
-                      f"{tvm.__version__}; re-tuning", stacklevel=2)
-    tasks = ms.relax_integration.extract_tasks(tmod, target)
-    if op_names:
-        tasks = [t for t in tasks if any(o in t.task_name for o in op_names)]
-    n_tasks = max(1, len(tasks))
-    total = trials_per_task * n_tasks
-    os.makedirs(root, exist_ok=True)
-    _remove_stale(root)
-    tmp = f"{work_dir}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    stop = threading.Event()
-    watcher = threading.Thread(target=_progress_thread, args=(os.path.join(tmp, RECORDS), total, stop, progress),
-                               daemon=True)
-    watcher.start()
-    try:
-        ms.relax_integration.tune_relax(
-            mod=tmod, params={}, target=target, work_dir=tmp, max_trials_global=total,
-            max_trials_per_task=2 * trials_per_task, op_names=list(op_names) if op_names else None,
-            num_trials_per_iter=min(64, max(trials_per_task, 2)),
-            builder=ms.builder.LocalBuilder(f_build=fast_build, max_workers=os.cpu_count(), timeout_sec=60),
-            runner=ms.runner.LocalRunner(timeout_sec=30))
-        stop.set()
-        watcher.join()
-        trials = _count_lines(os.path.join(tmp, RECORDS))
-        with open(os.path.join(tmp, META), "w") as f:
-            json.dump({"tvm_version": tvm.__version__, "target": json.loads(target_json(target)),
-                       "trials_per_task": trials_per_task, "num_tasks": n_tasks, "trials": trials,
-                       "op_names": list(op_names) if op_names else None,
-                       "seconds": round(time.time() - t0, 1)}, f, indent=1)
-        shutil.rmtree(work_dir, ignore_errors=True)
-        os.replace(tmp, work_dir)
-    except Exception as exc:
-        raise BackendError(f"MetaSchedule tuning failed: {type(exc).__name__}: {str(exc).strip()[:300]}") from exc
-    finally:
-        stop.set()
+    tasks = graph_tasks(mod, target, op_names)
+    work_dir = database_dir(target, cache_dir)
+    with _Lock(work_dir):
+        meta = read_meta(work_dir)
+        if meta and meta.get("tvm_version") != tvm.__version__:
+            warnings.warn(f"tuning cache {work_dir} was made with TVM {meta.get('tvm_version')}, this is TVM "
+                          f"{tvm.__version__}; re-tuning", stacklevel=2)
+            shutil.rmtree(work_dir, ignore_errors=True)
+        manifest = _read_json(os.path.join(work_dir, MANIFEST))
+        todo = [t for t in tasks if force or task_key(t) not in manifest]
+        if not todo:
+            return TuneResult(work_dir, True, 0, 0, time.time() - t0)
+        costs = task_costs(todo, target, progress)
+        plan = plan_trials(costs, trials_per_task)
+        root = os.path.dirname(work_dir)
+        _remove_stale(root)
+        tmp = f"{work_dir}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-    return TuneResult(work_dir, False, n_tasks, trials, time.time() - t0)
+        os.makedirs(tmp)
+        stop = threading.Event()
+        watcher = threading.Thread(target=_progress_thread,
+                                   args=(os.path.join(tmp, RECORDS), sum(plan.values()), stop, progress), daemon=True)
+        watcher.start()
+        try:
+            _run_metaschedule(todo, plan, tmp)
+            stop.set()
+            watcher.join()
+            trials, scheduled = _merge(tmp, work_dir, {c.key: c.untuned_ms for c in costs})
+            for c in costs:
+                manifest[c.key] = {"name": c.name, "weight": c.weight, "untuned_ms": round(c.untuned_ms, 4),
+                                   "trials": plan[c.key], "scheduled": c.key in scheduled}
+            _write_json(os.path.join(work_dir, MANIFEST), manifest)
+            _write_json(os.path.join(work_dir, META), {"tvm_version": tvm.__version__,
+                                                       "target": json.loads(target_json(target))})
+        except Exception as exc:
+            raise BackendError(f"MetaSchedule tuning failed: {type(exc).__name__}: {str(exc).strip()[:300]}") from exc
+        finally:
+            stop.set()
+            shutil.rmtree(tmp, ignore_errors=True)
+    return TuneResult(work_dir, False, sum(1 for v in plan.values() if v), trials, time.time() - t0)
 
 
 def apply_database(mod, target, work_dir: str):
     """Lower ``mod`` with the schedules of the tuning database at ``work_dir`` (no new trials):
-    ``static_shape_tuning`` with ``total_trials=0`` (TVM_NOTES.md §2 "cache-hit path").
+    ``static_shape_tuning`` with ``total_trials=0`` (TVM_NOTES.md §2 "cache-hit path"). Tasks the
+    database lacks (left untuned by the plan) get TVM's default lowering.
 
     Raises:
         BackendError: the database is missing, incomplete or from another TVM version.
@@ -240,13 +355,16 @@ def apply_database(mod, target, work_dir: str):
 
 def lookup(mod, target, cache_dir: Optional[str] = None,
            op_names: Optional[Sequence[str]] = None) -> Optional[TuneResult]:
-    """The cached tuning of ``mod`` for ``target`` made by this TVM version, or None (no tuning)."""
+    """The target's tuning database if it has handled every task of ``mod`` (made by this TVM
+    version), else None (build untuned)."""
     import tvm
 
     t0 = time.time()
-    tmod = prepare_for_tuning(mod, target)
-    work_dir = os.path.join(cache_dir or cache_root(), "tuning", cache_key(tmod, target, op_names))
+    work_dir = database_dir(target, cache_dir)
     meta = read_meta(work_dir)
-    if meta.get("tvm_version") == tvm.__version__ and os.path.exists(os.path.join(work_dir, RECORDS)):
-        return TuneResult(work_dir, True, meta.get("num_tasks", 0), 0, time.time() - t0)
-    return None
+    if meta.get("tvm_version") != tvm.__version__ or not os.path.exists(os.path.join(work_dir, RECORDS)):
+        return None
+    manifest = _read_json(os.path.join(work_dir, MANIFEST))
+    if any(task_key(t) not in manifest for t in graph_tasks(mod, target, op_names)):
+        return None
+    return TuneResult(work_dir, True, 0, 0, time.time() - t0)

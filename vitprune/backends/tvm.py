@@ -298,7 +298,7 @@ class TvmBackend:
     - ``target_options``: dict of overrides (``{"arch": "sm_90"}``, ``{"mcpu": "cortex-a72"}``); ``arch=`` and
       ``mcpu=`` are also accepted directly;
     - ``fast_math``: default True on CPU/ARM, False on CUDA;
-    - ``tune``: MetaSchedule-tune (CPU only; from the cache when already tuned); ``trials``: per task
+    - ``tune``: MetaSchedule-tune (CPU only; from the cache when already tuned); ``trials``: mean per tuned task
       (default :data:`~vitprune.backends.tuning.DEFAULT_TRIALS_PER_TASK`); ``use_cache``: compile with a
       cached database when one exists even if ``tune=False`` (default True); ``cache_dir``; ``progress``;
       ``tune_ops``: tune only tasks whose name contains one of these (e.g. ``["matmul"]``).
