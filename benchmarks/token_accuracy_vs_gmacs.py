@@ -4,12 +4,16 @@ Compares, at the same GMACs budgets, Zero-TPrune (WPR importance; the default me
 the paper's dropping, ``mode=prune``), CLS-attention top-k (``importance=cls``), random dropping
 (``importance=random``) and ToMe, by top-1 and top-1 agreement with the unpruned model. Every
 pass is compiled with ``target_gmacs`` (GMACs measured on the pruned graph, pruning-layer work
-included). Prints a markdown table and writes a PNG plot. Ad-hoc variants (ablations) are
+included). Prints a markdown table (with the mean KL divergence ``KL(unpruned || pruned)`` of the
+softmax outputs, the most sensitive of the three metrics) and writes a PNG plot. Ad-hoc variants (ablations) are
 added with ``--method NAME=SPEC`` where SPEC contains ``{g}`` for the budget.
 
     PYTHONPATH=. python benchmarks/token_accuracy_vs_gmacs.py \
         --weights ../shared/models/deit_tiny_patch16_224.safetensors \
         --data ../shared/data/imagenet-sample --budgets 0.96 0.85 0.75 --out docs/accuracy_vs_gmacs.png
+
+To choose a default on some images and confirm it on others: ``--limit 250`` (the first 250)
+then ``--offset 250`` (the rest), with ``--methods`` / ``--method`` to run only what is compared.
 """
 
 from __future__ import annotations
@@ -37,7 +41,13 @@ METHODS = {
 
 @torch.no_grad()
 def predict(fn, batches) -> torch.Tensor:
-    return torch.cat([fn(x).argmax(-1) for x in batches])
+    """``[N, classes]`` float32 log-probabilities."""
+    return torch.cat([torch.log_softmax(fn(x).float(), dim=-1) for x in batches])
+
+
+def kl_div(ref_logp: torch.Tensor, logp: torch.Tensor) -> float:
+    """Mean over images of ``KL(ref || pruned)`` in nats."""
+    return float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean())
 
 
 def main() -> None:
@@ -46,10 +56,12 @@ def main() -> None:
     ap.add_argument("--weights", default="../shared/models/deit_tiny_patch16_224.safetensors")
     ap.add_argument("--data", default="../shared/data/imagenet-sample")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.96, 0.85, 0.75])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS),
+                    help="built-in methods to run (none: only the --method ones)")
     ap.add_argument("--method", action="append", default=[], metavar="NAME=SPEC",
                     help="extra method, e.g. 'ztp-6=zero-tprune:target_gmacs={g},prune_blocks=2;4;6;8;9;10'")
-    ap.add_argument("--limit", type=int, help="first N images only")
+    ap.add_argument("--offset", type=int, default=0, help="skip the first N images (sorted by file name)")
+    ap.add_argument("--limit", type=int, help="use at most N images (after --offset)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--out", default="docs/accuracy_vs_gmacs.png")
@@ -64,16 +76,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model = load_model(args.model, args.weights)
-    ds = ImageFolder(args.data, eval_transform(model), limit=args.limit)
+    ds = ImageFolder(args.data, eval_transform(model))
+    ds.samples = ds.samples[args.offset:]
+    if args.limit is not None:
+        ds.samples = ds.samples[:args.limit]
     batches, labels = [], []
     for x, y, _ in tqdm(make_loader(ds, args.batch_size), desc="load images", leave=False):
         batches.append(x)
         labels.append(y)
     labels = torch.cat(labels)
-    ref = predict(model, tqdm(batches, desc="unpruned", leave=False))
+    ref_logp = predict(model, tqdm(batches, desc="unpruned", leave=False))
+    ref = ref_logp.argmax(-1)
     base_top1 = 100.0 * float((ref == labels).float().mean())
     base = vitprune.compile(model, [], example_inputs=batches[0][:2], progress=False).report.gmacs_before
-    rows = [{"method": "unpruned", "spec": "-", "gmacs": base, "top1": base_top1, "agreement": 100.0}]
+    rows = [{"method": "unpruned", "spec": "-", "gmacs": base, "top1": base_top1, "agreement": 100.0,
+             "kl": 0.0}]
     for g in args.budgets:
         for name, template in methods.items():
             spec = template.format(g=g)
@@ -84,23 +101,27 @@ def main() -> None:
                 rows.append({"method": name, "spec": spec, "error": f"{type(exc).__name__}: {exc}"[:200]})
                 print(f"{spec}: {rows[-1]['error']}")
                 continue
-            pred = predict(c, tqdm(batches, desc=spec, leave=False))
+            logp = predict(c, tqdm(batches, desc=spec, leave=False))
+            pred = logp.argmax(-1)
             rows.append({"method": name, "spec": spec, "target": g, "gmacs": c.report.gmacs_after,
                          "top1": 100.0 * float((pred == labels).float().mean()),
                          "agreement": 100.0 * float((pred == ref).float().mean()),
+                         "kl": kl_div(ref_logp, logp),
                          "seconds": round(time.time() - t0, 1)})
-    print(f"\n{args.model}, {len(labels)} images of {args.data}; GMACs = MACs/1e9 per image\n")
-    print("| method | budget | GMACs | top-1 % | Δ top-1 (pt) | agreement % |")
-    print("|---|---|---|---|---|---|")
+    first = ds.samples[0][0] if ds.samples else "-"
+    print(f"\n{args.model}, {len(labels)} images of {args.data} (from #{args.offset}, {os.path.basename(first)}); "
+          f"GMACs = MACs/1e9 per image; KL = mean KL(unpruned || pruned), nats\n")
+    print("| method | budget | GMACs | top-1 % | Δ top-1 (pt) | agreement % | KL |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['method']} | {r['spec']} | error | {r['error']} | | |")
+            print(f"| {r['method']} | {r['spec']} | error | {r['error']} | | | |")
             continue
         print(f"| {r['method']} | {r.get('target', '-')} | {r['gmacs']:.3f} | {r['top1']:.1f} | "
-              f"{r['top1'] - base_top1:+.1f} | {r['agreement']:.1f} |")
+              f"{r['top1'] - base_top1:+.1f} | {r['agreement']:.1f} | {r['kl']:.4f} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"images": len(labels), "rows": rows}, f, indent=2)
+            json.dump({"images": len(labels), "offset": args.offset, "rows": rows}, f, indent=2)
     plot(rows, base_top1, base, args.out, f"{args.model}, {len(labels)} images, no fine-tuning")
 
 

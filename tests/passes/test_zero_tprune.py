@@ -249,3 +249,52 @@ def test_merge_with_unit_sizes_and_no_s_stage_equals_prune():
     b = vitprune.compile(m, [ZeroTPrune(mode="prune", **kw)], example_inputs=x)
     with torch.no_grad():                                    # sizes stay 1: log(1) = 0 bias
         torch.testing.assert_close(a(x), b(x), atol=1e-5, rtol=1e-5)
+
+
+def test_merge_all_merges_every_removed_token_into_a_kept_one():
+    from vitprune.ops.zero_tprune_layer import merge_into, select_tokens
+    from vitprune.ops.token_select import gather_tokens
+
+    torch.manual_seed(0)
+    n = 17
+    attn = torch.softmax(torch.randn(2, 3, n, n), dim=-1)
+    keys = torch.randn(2, 3, n, 16)
+    kept, src, dst = select_tokens(attn, keys, n_after_s=14, n_keep=10, num_prefix=1, return_merge=True,
+                                   merge_all=True)
+    assert src.shape == dst.shape == (2, n - 10)                          # r_S + r_I pairs
+    for b in range(2):
+        k, s, d = set(kept[b].tolist()), set(src[b].tolist()), set(dst[b].tolist())
+        assert k | s == set(range(n)) and not k & s and 0 in k
+        assert d <= k - {0}                                              # targets: kept patch tokens only
+    x = torch.randn(2, n, 8)
+    mx, msize = merge_into(x, torch.ones(2, n, 1), src, dst)
+    size = gather_tokens(msize, kept)
+    torch.testing.assert_close(size.sum(1), torch.full((2, 1), float(n)))    # every token is counted once
+    torch.testing.assert_close((gather_tokens(mx, kept) * size).sum(1), x.sum(1), atol=1e-5, rtol=1e-5)
+
+
+def test_merge_all_counts_and_exports(tmp_path):
+    pytest.importorskip("onnxruntime")
+    m = tiny_vit(depth=4)
+    x = torch.randn(3, 3, 64, 64)
+    kw = dict(prune_blocks=[0, 2], keep=[0.6, 0.5], rs_ratio=0.5)
+    c = vitprune.compile(m, [ZeroTPrune(merge_all=True, **kw)], example_inputs=x)
+    base = vitprune.compile(m, [ZeroTPrune(**kw)], example_inputs=x)
+    rec = c.report.passes[0]
+    assert all(r > 0 for r in rec["r_i"])
+    # merge_all adds the I-removed -> kept cosine matmul r_I·(K-P)·H·d and merge matmuls N·r_I·(C+1)
+    n_in = [17] + rec["tokens_per_layer"][:-1]
+    extra = sum(r * (k - 1) * 48 + n * r * 49 for n, r, k in zip(n_in, rec["r_i"], rec["tokens_per_layer"])) / 1e9
+    measured = gmacs(c.graph_module, (3, 64, 64))
+    assert measured == pytest.approx(gmacs(base.graph_module, (3, 64, 64)) + extra, rel=1e-6)
+    assert rec["gmacs_analytic"] == pytest.approx(measured, rel=1e-3)
+    with torch.no_grad():
+        full = c(x)
+        for i in range(3):
+            torch.testing.assert_close(c(x[i:i + 1]), full[i:i + 1], atol=1e-5, rtol=1e-5)
+    assert [k.shape[1] for k in kept_token_indices(c, x)] == rec["tokens_per_layer"]
+    out, ops = onnxruntime_run(c.graph_module, x, str(tmp_path / "ztp_merge_all.onnx"))
+    assert float((torch.from_numpy(out) - full).abs().max()) <= 1e-4
+    assert not ops & {"ScatterElements", "ScatterND", "NonZero"}, ops
+    q = parse_pass_spec("zero-tprune:target_gmacs=0.85,merge_all=true")
+    assert q.merge_all is True and Pass.from_json(q.to_json()) == q

@@ -11,7 +11,7 @@ Tag value (a JSON-friendly dict under ``TOKEN_SELECT``)::
     {"block": i, "kind": "tome",  "tokens_in": N}   # value: [B, N + r] = kept | src | dst indices
     {"block": i, "kind": "merge", "tokens_in": N, "n_keep": K, "r_s": r}
                                                     # value: [B, K + 2r] = kept | src | dst indices
-                                                    # (Zero-TPrune merge variant; I-stage drops too)
+                                                    # (Zero-TPrune merge variant; r = merged pairs: r_S, or r_S + r_I with merge_all)
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import torch
 
 from .head_filter import eir_vhf
 from .similarity import key_features, s_stage
-from .token_select import gather_attention, gather_tokens, topk_keep
+from .token_select import gather_attention, gather_tokens, rank_desc, select_lowest, topk_keep
 from .wpr import wpr
 
 __all__ = ["select_tokens", "random_keep", "merge_into", "unit_sizes", "log_size_bias", "pack_merge", "unpack_merge",
@@ -51,7 +51,8 @@ def random_keep(x: torch.Tensor, n_keep: int, num_prefix: int, seed: int = 0) ->
 def select_tokens(attn: torch.Tensor, keys: torch.Tensor, n_after_s: int, n_keep: int, num_prefix: int,
                   iters: int = 5, cls_init: bool = True, vmin: float = 0.01, vmax: float = 0.7,
                   var_norm: str = "mean1", use_vhf: bool = True, importance: str = "wpr",
-                  feature: str = "concat", seed: int = 0, pre_iters: int = 1, return_merge: bool = False):
+                  feature: str = "concat", seed: int = 0, pre_iters: int = 1, return_merge: bool = False,
+                  merge_all: bool = False):
     """Indices of the tokens a pruning layer keeps.
 
     Args:
@@ -68,11 +69,16 @@ def select_tokens(attn: torch.Tensor, keys: torch.Tensor, n_after_s: int, n_keep
         seed: seed of the ``"random"`` variant.
         pre_iters: WPR iterations of the I′ pre-ranking (1 in the paper).
         return_merge: also return the S-stage pairs (merge variant).
+        merge_all: with ``return_merge``, also pair every I-stage-removed token with its most
+            similar kept non-prefix token (same key features as the S-stage), so that it is
+            merged too instead of dropped. An S-stage target that the I-stage removes is
+            redirected to that token's own target, so every ``dst`` is a kept token.
 
     Returns:
         ``[B, n_keep]`` int64 indices into ``N``, ascending, prefix first. With
-        ``return_merge``: ``(kept, src [B, r_S], dst [B, r_S])``, each S-removed token ``src``
-        and its most similar more-important token ``dst`` (indices into ``N``).
+        ``return_merge``: ``(kept, src [B, r], dst [B, r])``, each S-removed token ``src``
+        and its most similar more-important token ``dst`` (indices into ``N``); ``r = r_S``,
+        or ``r_S + r_I`` with ``merge_all`` (S pairs first).
     """
     b, h, n, _ = attn.shape
     none = torch.zeros(b, 0, dtype=torch.int64, device=attn.device)
@@ -90,16 +96,39 @@ def select_tokens(attn: torch.Tensor, keys: torch.Tensor, n_after_s: int, n_keep
     ninit = max(num_prefix, 1) if cls_init else 0
     kept, src, dst = None, none, none
     sub = attn
+    feats = None
     if n_after_s < n:                                                  # I' -> S
         imp_pre = eir_vhf(wpr(attn, pre_iters, cls_init, ninit), **kw)
-        kept, src, dst = s_stage(key_features(keys, feature), imp_pre, n - n_after_s, num_prefix, return_match=True)
+        feats = key_features(keys, feature)
+        kept, src, dst = s_stage(feats, imp_pre, n - n_after_s, num_prefix, return_match=True)
         if n_keep == n_after_s:
             return (kept, src, dst) if return_merge else kept
         sub = gather_attention(attn.float(), kept)                     # attention among survivors
     imp = eir_vhf(wpr(sub, iters, cls_init, ninit), **kw)              # I-stage
     pos = topk_keep(imp, n_keep, num_prefix)
     out = pos if kept is None else gather_tokens(kept, pos)
-    return (out, src, dst) if return_merge else out
+    if not return_merge:
+        return out
+    if merge_all and n_keep > num_prefix:
+        feats = key_features(keys, feature) if feats is None else feats
+        src, dst = _merge_dropped(feats, imp, out, kept, src, dst, n_after_s - n_keep, num_prefix)
+    return out, src, dst
+
+
+def _merge_dropped(feats, imp, out, kept, src, dst, r_i: int, num_prefix: int):
+    """``merge_all``: append the I-stage-removed tokens and their most similar kept non-prefix
+    tokens to the S-stage pairs ``(src, dst)``; S targets removed by the I-stage are redirected.
+    ``r_I · (K - P) · F`` MACs (cosine matmul)."""
+    drop = select_lowest(-rank_desc(imp[:, num_prefix:]), r_i) + num_prefix        # complement of topk_keep
+    drop = drop if kept is None else gather_tokens(kept, drop)                     # [B, r_I] indices into N
+    targets = out[:, num_prefix:]                                                  # [B, K - P]
+    sim = torch.matmul(gather_tokens(feats, drop), gather_tokens(feats, targets).transpose(1, 2))
+    dst_i = gather_tokens(targets, sim.argmax(dim=-1))                             # [B, r_I]
+    if src.shape[1]:
+        hit = dst.unsqueeze(-1) == drop.unsqueeze(1)                               # [B, r_S, r_I]
+        redirect = (hit.to(torch.int64) * dst_i.unsqueeze(1)).sum(-1)
+        dst = torch.where(hit.any(-1), redirect, dst)
+    return torch.cat([src, drop], dim=1), torch.cat([dst, dst_i], dim=1)
 
 
 def merge_into(x: torch.Tensor, size: torch.Tensor, src: torch.Tensor, dst: torch.Tensor):
