@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
@@ -110,14 +111,17 @@ def _ztp_reference_groups(n, kept, src, dst):
     return [pos.get(join.get(t, t), -1) for t in range(n)]
 
 
-def test_ztp_merge_groups_against_eager_selection_and_carried_sizes():
+@pytest.mark.parametrize("merge_all", [True, False])
+def test_ztp_merge_groups_against_eager_selection_and_carried_sizes(merge_all):
+    from vitprune.eval.viz import layer_label
     from vitprune.ops.zero_tprune_layer import select_tokens
     from vitprune.passes import ZeroTPrune
 
     torch.manual_seed(0)
     m = VisionTransformer(img_size=96, patch_size=16, embed_dim=48, depth=4, num_heads=3, num_classes=10).eval()
     x = torch.randn(2, 3, 96, 96)
-    c = vitprune.compile(m, [ZeroTPrune(prune_blocks=[0, 1, 2], counts=[10, 8, 6])], example_inputs=x)
+    c = vitprune.compile(m, [ZeroTPrune(prune_blocks=[0, 1, 2], counts=[10, 8, 6], merge_all=merge_all)],
+                         example_inputs=x)
     rec = c.report.passes[0]
     assert rec["r_s"] == [7, 6, 4] and rec["r_i"] == [3, 2, 2]
     layers = token_groups(c, x)
@@ -128,7 +132,8 @@ def test_ztp_merge_groups_against_eager_selection_and_carried_sizes():
         y = blk.norm1(m._pos_embed(m.patch_embed(x)))
         q, k, _ = blk.attn.qkv(y).reshape(2, 37, 3, 3, 16).permute(2, 0, 3, 1, 4)
         attn = ((q * blk.attn.scale) @ k.transpose(-2, -1)).softmax(-1)
-    kept, src, dst = select_tokens(attn, k, n_after_s=30, n_keep=27, num_prefix=1, iters=30, return_merge=True)
+    kept, src, dst = select_tokens(attn, k, n_after_s=30, n_keep=27, num_prefix=1, iters=30, return_merge=True,
+                                   merge_all=merge_all)
     for b in range(2):
         assert layers[0]["group"][b].tolist() == _ztp_reference_groups(37, kept[b], src[b], dst[b])
     # (2) every layer: group sizes == the token sizes the merge variant carries (exp of the
@@ -144,7 +149,13 @@ def test_ztp_merge_groups_against_eager_selection_and_carried_sizes():
             counts = torch.bincount(g[b][g[b] >= 0], minlength=size.shape[1])
             assert counts.tolist() == size[b].tolist()
             assert g[b, 0] == 0 and counts[0] == 1
-    assert (layers[0]["group"] < 0).sum(1).min() >= rec["r_i"][0]          # I-stage drops at least r_I
+    if merge_all:                                                          # nothing is dropped
+        for L, n_out in zip(layers, rec["tokens_per_layer"]):
+            assert (L["group"] >= 0).all()
+            for b in range(2):
+                assert layer_label(L["group"][b, 1:].numpy(), "merge") == f"{n_out - 1} tokens ({36 - n_out + 1} merged, 0 dropped)"
+    else:
+        assert (layers[0]["group"] < 0).sum(1).min() >= rec["r_i"][0]      # I-stage drops at least r_I
     # mode=prune still tags plain kept indices
     p = vitprune.compile(m, [ZeroTPrune(prune_blocks=[0, 1, 2], counts=[10, 8, 6], mode="prune")], example_inputs=x)
     assert [L["kind"] for L in token_groups(p, x)] == ["prune"] * 3

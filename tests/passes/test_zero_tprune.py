@@ -222,10 +222,10 @@ def test_model_dependent_errors_leave_graph_untouched(kw, msg):
 def test_merge_mode_counts_exports_and_is_per_sample(tmp_path):
     m = tiny_vit(depth=4)
     x = torch.randn(3, 3, 64, 64)
-    p = ZeroTPrune(prune_blocks=[0, 2], keep=[0.75, 0.5], mode="merge", rs_ratio=0.7)
+    p = ZeroTPrune(prune_blocks=[0, 2], keep=[0.75, 0.5], mode="merge", rs_ratio=0.7, merge_all=False)
     c = vitprune.compile(m, [p], example_inputs=x)
     rec = c.report.passes[0]
-    # merge adds the one-hot matmuls N·r_S·(C+1) to the prune-mode count
+    # merging the S pairs only adds the one-hot matmuls N·r_S·(C+1) to the prune-mode count
     prune = vitprune.compile(m, [ZeroTPrune(prune_blocks=[0, 2], keep=[0.75, 0.5], rs_ratio=0.7, mode="prune")],
                              example_inputs=x)
     extra = sum(n * r * 49 for n, r in zip([17, 13], rec["r_s"])) / 1e9
@@ -245,10 +245,30 @@ def test_merge_with_unit_sizes_and_no_s_stage_equals_prune():
     m = tiny_vit(depth=3)
     x = torch.randn(2, 3, 64, 64)
     kw = dict(prune_blocks=[0], keep=[0.5], rs_ratio=0.0)
-    a = vitprune.compile(m, [ZeroTPrune(mode="merge", **kw)], example_inputs=x)
+    a = vitprune.compile(m, [ZeroTPrune(mode="merge", merge_all=False, **kw)], example_inputs=x)
     b = vitprune.compile(m, [ZeroTPrune(mode="prune", **kw)], example_inputs=x)
     with torch.no_grad():                                    # sizes stay 1: log(1) = 0 bias
         torch.testing.assert_close(a(x), b(x), atol=1e-5, rtol=1e-5)
+    c = vitprune.compile(m, [ZeroTPrune(**kw)], example_inputs=x)       # default merge_all: I-stage merges
+    with torch.no_grad():
+        assert not torch.allclose(c(x), b(x), atol=1e-3)
+
+
+@pytest.mark.parametrize("importance", ["cls", "random"])
+def test_baselines_stay_pure_pruning_with_default_merge_all(importance):
+    m = tiny_vit(depth=4)
+    x = torch.randn(2, 3, 64, 64)
+    kw = dict(prune_blocks=[0, 2], keep=[0.6, 0.5], importance=importance)
+    assert ZeroTPrune(**kw).merge_all is True and ZeroTPrune(**kw).mode == "merge"
+    a = vitprune.compile(m, [ZeroTPrune(**kw)], example_inputs=x)
+    b = vitprune.compile(m, [ZeroTPrune(mode="prune", merge_all=False, **kw)], example_inputs=x)
+    assert gmacs(a.graph_module, (3, 64, 64)) == gmacs(b.graph_module, (3, 64, 64))
+    assert a.report.passes[0]["gmacs_analytic"] == b.report.passes[0]["gmacs_analytic"]
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), atol=0, rtol=0)
+    from vitprune.ir.tags import token_select_outputs
+    assert [t["kind"] for _, t in token_select_outputs(a.graph_module)] == ["prune", "prune"]
+    assert not any(n.target == torch.ops.aten.log.default for n in a.graph_module.graph.nodes)   # no sizes
 
 
 def test_merge_all_merges_every_removed_token_into_a_kept_one():
@@ -278,8 +298,9 @@ def test_merge_all_counts_and_exports(tmp_path):
     m = tiny_vit(depth=4)
     x = torch.randn(3, 3, 64, 64)
     kw = dict(prune_blocks=[0, 2], keep=[0.6, 0.5], rs_ratio=0.5)
-    c = vitprune.compile(m, [ZeroTPrune(merge_all=True, **kw)], example_inputs=x)
-    base = vitprune.compile(m, [ZeroTPrune(**kw)], example_inputs=x)
+    assert ZeroTPrune(**kw).merge_all is True                             # the default
+    c = vitprune.compile(m, [ZeroTPrune(**kw)], example_inputs=x)
+    base = vitprune.compile(m, [ZeroTPrune(merge_all=False, **kw)], example_inputs=x)
     rec = c.report.passes[0]
     assert all(r > 0 for r in rec["r_i"])
     # merge_all adds the I-removed -> kept cosine matmul r_I·(K-P)·H·d and merge matmuls N·r_I·(C+1)
@@ -296,5 +317,6 @@ def test_merge_all_counts_and_exports(tmp_path):
     out, ops = onnxruntime_run(c.graph_module, x, str(tmp_path / "ztp_merge_all.onnx"))
     assert float((torch.from_numpy(out) - full).abs().max()) <= 1e-4
     assert not ops & {"ScatterElements", "ScatterND", "NonZero"}, ops
-    q = parse_pass_spec("zero-tprune:target_gmacs=0.85,merge_all=true")
-    assert q.merge_all is True and Pass.from_json(q.to_json()) == q
+    for spec, want in (("zero-tprune:target_gmacs=0.85", True), ("zero-tprune:target_gmacs=0.85,merge_all=false", False)):
+        q = parse_pass_spec(spec)
+        assert q.merge_all is want and json.loads(q.to_json())["merge_all"] is want and Pass.from_json(q.to_json()) == q
