@@ -74,6 +74,8 @@ def main():
     ap.add_argument("--cv", action="store_true",
                     help="also prune on each half of the calibration images and measure on the other half "
                          "(two-fold cross-validation: selection on calibration images without refit over-fit)")
+    ap.add_argument("--cv-split", choices=("halves", "interleave"), default="halves",
+                    help="--cv folds: first / second half of the calibration images, or even / odd indices")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--png", default="docs/snp_accuracy.png")
     ap.add_argument("--json", default=None)
@@ -89,7 +91,7 @@ def main():
     model = load_model(args.model, args.weights).eval()
     x, y = load_folder(args.data, model, args.cache)
     nc = args.calib_images
-    calib, xe, ye = x[:nc], x[nc:], y[nc:]
+    calib, ye = x[:nc], y[nc:]
     example = x[:2]
 
     base = vitprune.compile(model, [], example_inputs=example)
@@ -123,7 +125,7 @@ def main():
                    agree_calib=float((p[:nc] == p_all[:nc]).float().mean()),
                    kl_calib=kl(l_all[:nc], lc[:nc]), kl_heldout=kl(l_all[nc:], lc[nc:]), seconds=secs, spec=spec)
         if args.cv:
-            row.update(cross_validate(model, spec, example, calib, l_all[:nc], y[:nc]))
+            row.update(cross_validate(model, spec, example, calib, l_all[:nc], y[:nc], args.cv_split))
         rows.append(row)
         tqdm.write(json.dumps(row))
     if args.json:
@@ -132,14 +134,18 @@ def main():
     report(rows, args.png, args.model, nc, x.shape[0])
 
 
-def cross_validate(model, spec, example, calib, l_ref, y):
+def cross_validate(model, spec, example, calib, l_ref, y, split="halves"):
     """Two-fold CV over the calibration images: prune with one half (same spec), measure top-1,
     agreement and KL on the other half; averaged over both directions. Unlike the calibration
-    columns, the refit has not seen these images, and no held-out image is used."""
+    columns, the refit has not seen these images, and no held-out image is used. ``split``:
+    ``halves`` (images 0..n/2-1 / the rest) or ``interleave`` (even / odd indices)."""
     import vitprune
 
     h = calib.shape[0] // 2
-    parts = [(slice(0, h), slice(h, None)), (slice(h, None), slice(0, h))]
+    if split == "interleave":
+        parts = [(slice(0, None, 2), slice(1, None, 2)), (slice(1, None, 2), slice(0, None, 2))]
+    else:
+        parts = [(slice(0, h), slice(h, None)), (slice(h, None), slice(0, h))]
     acc = agree = div = 0.0
     for fit, val in parts:
         c = vitprune.compile(model, [spec], example_inputs=example, calibration=calib[fit], progress=False)

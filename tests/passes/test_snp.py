@@ -193,6 +193,10 @@ def test_config_json_round_trip_and_specs():
     assert parse_pass_spec("snp:preset=deit-s").preset == "deit-s"
     assert parse_pass_spec("snp:qk=0.1;0.2").qk == [0.1, 0.2]
     assert parse_pass_spec("head-prune:heads=2").heads == 2
+    assert SNP().augment == "flip+crops" and parse_pass_spec("head-prune:heads=2").augment == "none"
+    for spec in ("snp:ratio=0.2,augment=crops", "snp:ratio=0.2,augment=none", "head-prune:heads=1,augment=flip"):
+        p = parse_pass_spec(spec)
+        assert Pass.from_json(p.to_json()) == p
 
 
 @pytest.mark.parametrize("spec,match", [
@@ -239,3 +243,52 @@ def test_calibration_folder(tmp_path):
     c = vitprune.compile(tiny(depth=1), [f"snp:ratio=0.2,calib={tmp_path},calib_images=2"], example_inputs=X,
                          progress=False)
     assert c.report.passes[0]["calibration_images"] == 2
+
+
+def test_augment_views_equal_transforms_by_hand():
+    """Flip and corner crops equal torchvision's flip / resized_crop applied by hand, grouped per batch."""
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    from vitprune.calibration import augment_views
+
+    torch.manual_seed(0)
+    imgs = torch.randn(3, 3, 224, 224)
+    same, k = augment_views(imgs, "none", 2)
+    assert k == 1 and same is imgs
+    got, k = augment_views(imgs, "flip+crops", 2)
+    assert k == 10 and got.shape == (30, 3, 224, 224)
+    c = 196  # round(0.875 * 224)
+
+    def views(x):
+        crops = [TF.resized_crop(x, top, left, c, c, [224, 224], InterpolationMode.BICUBIC, antialias=False)
+                 for top in (0, 224 - c) for left in (0, 224 - c)]
+        v = [x] + crops
+        return v + [TF.hflip(t) for t in v]
+
+    ref = torch.cat([torch.cat(views(imgs[0:2])), torch.cat(views(imgs[2:3]))])
+    assert torch.allclose(got, ref, atol=1e-5)
+    flip, k = augment_views(imgs, "flip", 2)
+    assert k == 2 and torch.equal(flip[:4], torch.cat([imgs[:2], imgs[:2].flip(-1)]))
+    with pytest.raises(InvalidPassConfigError, match="augment='rotate'"):
+        parse_pass_spec("snp:augment=rotate")
+    with pytest.raises(InvalidPassConfigError, match="each once"):
+        parse_pass_spec("snp:augment=flip+flip")
+
+
+def test_augment_batches_keep_views_of_an_image_together():
+    """augment=flip with batches of 1 image equals no augmentation on the hand-flipped images in
+    batches of 2 ordered [x0, flip x0, x1, flip x1, x2, flip x2]: the refit's two folds (alternate
+    batches) hold disjoint images with all their views (appending all flips after all images
+    would put x1 and flip x0 in one fold)."""
+    m = tiny(depth=1)
+    torch.manual_seed(1)
+    cal = torch.randn(3, 3, 224, 224)
+    by_hand = torch.cat([torch.cat([x, x.flip(-1)]) for x in cal.split(1)])
+    a = vitprune.compile(m, ["snp:ratio=0.3,augment=flip,batch_size=1"], example_inputs=X, calibration=cal,
+                         progress=False)
+    b = vitprune.compile(m, ["snp:ratio=0.3,batch_size=2,augment=none"], example_inputs=X, calibration=by_hand,
+                         progress=False)
+    assert (a.report.passes[0]["calibration_images"], a.report.passes[0]["calibration_views"]) == (3, 2)
+    with torch.no_grad():
+        assert torch.allclose(a(X), b(X), atol=1e-5)

@@ -9,7 +9,7 @@ whatever per-head widths the graph has.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Union
 
 from torch.fx import GraphModule
 
@@ -27,7 +27,7 @@ class HeadPrune(SNP):
     """Remove ``heads`` heads per block (int for every block, or a per-block list).
 
     Args (besides SNP's calibration/recovery options ``compensate``, ``sequential``, ``calib``,
-    ``calib_images``, ``ridge``):
+    ``calib_images``, ``ridge``, ``augment``, default ``none`` here):
         heads: heads removed per block; must leave at least one head.
 
     Raises:
@@ -36,6 +36,8 @@ class HeadPrune(SNP):
     """
 
     heads: Union[int, list[int], None] = 1
+    #: no extra calibration views by default (SNP's ``flip+crops`` default was measured for SNP only)
+    augment: str = "none"
 
     def validate(self) -> None:
         vals = self.heads if isinstance(self.heads, list) else [self.heads]
@@ -62,8 +64,9 @@ class HeadPrune(SNP):
         if all(c == 0 for c in counts):
             ctx.record(heads_removed=counts)
             return gm
-        calib = self.calibration_images(ctx)
-        work, records = prune_blocks(gm, calib, plans, self.engine_options(ctx))
+        calib, views = self.augmented_calibration(ctx)
+        work, records = prune_blocks(gm, calib, plans, self.engine_options(ctx, views))
         out = finalize(work, ctx.example_inputs)
-        ctx.record(heads_removed=counts, blocks=records, calibration_images=int(calib.shape[0]))
+        ctx.record(heads_removed=counts, blocks=records, calibration_images=int(calib.shape[0]) // views,
+                   calibration_views=views)
         return out
