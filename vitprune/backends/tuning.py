@@ -7,7 +7,8 @@ version. MetaSchedule records are matched per task by the task's structural hash
 weight values), so every graph compiled for that target reuses the schedules of every task tuned
 before: a pruned model reuses the unpruned model's schedules for the blocks before the first pruning
 layer, and a second ``tune`` of the same graph measures nothing. ``tasks.json`` lists the tasks already
-handled (tuned, or measured too cheap to tune, see :mod:`vitprune.backends.tuning_plan`); a tuned
+handled (tuned, or measured too cheap to tune, see :mod:`vitprune.backends.tuning_plan`) and
+``graphs.json`` the whole graphs fully covered (a second tune of one skips task extraction); a tuned
 schedule enters the database only if it is faster than the task's untuned code. ``meta.json``
 records the TVM version. A tune writes into a temporary folder and merges into the shared database
 only when complete (under a file lock, files replaced atomically), so an interrupted tune leaves the
@@ -32,6 +33,7 @@ from ..errors import BackendError
 
 DEFAULT_TRIALS_PER_TASK = 32
 MANIFEST = "tasks.json"
+GRAPHS = "graphs.json"
 META = "meta.json"
 RECORDS = "database_tuning_record.json"
 WORKLOADS = "database_workload.json"
@@ -141,6 +143,22 @@ def graph_tasks(mod, target, op_names: Optional[Sequence[str]] = None) -> list:
 
     tasks = ms.relax_integration.extract_tasks(prepare_for_tuning(mod, target), target)
     return [t for t in tasks if any(o in t.task_name for o in op_names)] if op_names else tasks
+
+
+def graph_key(mod, op_names: Optional[Sequence[str]] = None) -> str:
+    """Structural hash of a whole imported module (weights included; 0.1 s for DeiT-T) and of
+    ``op_names``: a graph whose tasks are all in the database is recorded under this key, so a second
+    tune or a cached compile of it skips task extraction (several seconds)."""
+    import tvm_ffi
+
+    return f"{tvm_ffi.structural_hash(mod)}|{','.join(sorted(op_names or []))}"
+
+
+def _remember_graph(work_dir: str, key: str, n_tasks: int) -> None:
+    graphs = _read_json(os.path.join(work_dir, GRAPHS))
+    if key not in graphs:
+        graphs[key] = n_tasks
+        _write_json(os.path.join(work_dir, GRAPHS), graphs)
 
 
 def task_key(task) -> str:
@@ -295,17 +313,22 @@ def tune(mod, target, trials_per_task: int = DEFAULT_TRIALS_PER_TASK, cache_dir:
         raise BackendError(f"autotuning measures on this machine, so it needs the host CPU target; got "
                            f"{target_family(target)!r} (tune on the device, or build untuned)")
     t0 = time.time()
-    tasks = graph_tasks(mod, target, op_names)
     work_dir = database_dir(target, cache_dir)
+    gkey = graph_key(mod, op_names)
     with _Lock(work_dir):
         meta = read_meta(work_dir)
         if meta and meta.get("tvm_version") != tvm.__version__:
             warnings.warn(f"tuning cache {work_dir} was made with TVM {meta.get('tvm_version')}, this is TVM "
                           f"{tvm.__version__}; re-tuning", stacklevel=2)
             shutil.rmtree(work_dir, ignore_errors=True)
+            meta = {}
+        if meta and not force and gkey in _read_json(os.path.join(work_dir, GRAPHS)):
+            return TuneResult(work_dir, True, 0, 0, time.time() - t0)
+        tasks = graph_tasks(mod, target, op_names)
         manifest = _read_json(os.path.join(work_dir, MANIFEST))
         todo = [t for t in tasks if force or task_key(t) not in manifest]
         if not todo:
+            _remember_graph(work_dir, gkey, len(tasks))
             return TuneResult(work_dir, True, 0, 0, time.time() - t0)
         costs = task_costs(todo, target, progress)
         plan = plan_trials(costs, trials_per_task)
@@ -329,6 +352,7 @@ def tune(mod, target, trials_per_task: int = DEFAULT_TRIALS_PER_TASK, cache_dir:
             _write_json(os.path.join(work_dir, MANIFEST), manifest)
             _write_json(os.path.join(work_dir, META), {"tvm_version": tvm.__version__,
                                                        "target": json.loads(target_json(target))})
+            _remember_graph(work_dir, gkey, len(tasks))
         except Exception as exc:
             raise BackendError(f"MetaSchedule tuning failed: {type(exc).__name__}: {str(exc).strip()[:300]}") from exc
         finally:
@@ -364,7 +388,8 @@ def lookup(mod, target, cache_dir: Optional[str] = None,
     meta = read_meta(work_dir)
     if meta.get("tvm_version") != tvm.__version__ or not os.path.exists(os.path.join(work_dir, RECORDS)):
         return None
-    manifest = _read_json(os.path.join(work_dir, MANIFEST))
-    if any(task_key(t) not in manifest for t in graph_tasks(mod, target, op_names)):
-        return None
+    if graph_key(mod, op_names) not in _read_json(os.path.join(work_dir, GRAPHS)):
+        manifest = _read_json(os.path.join(work_dir, MANIFEST))
+        if any(task_key(t) not in manifest for t in graph_tasks(mod, target, op_names)):
+            return None
     return TuneResult(work_dir, True, 0, 0, time.time() - t0)
