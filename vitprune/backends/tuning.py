@@ -265,14 +265,14 @@ def _run_metaschedule(tasks: list, plan: dict, tmp: str) -> None:
     cost_model = ms.cost_model.XGBModel(adaptive_training=True)
     try:
         for n, keys in _buckets(plan):
-            # evolutionary search costs ~30 s per task before its first trial (population sampling and
-            # cost-model ranking); for a handful of trials random sampling of the design space
-            # (replay-trace) finds the same and costs nothing
+            # evolutionary search spent ~30 s per task here before its first trial (population sampling
+            # and cost-model ranking); for a handful of trials, random samples of the design space
+            # (replay-trace) start at once
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 [by_key[k] for k in keys], work_dir=tmp, strategy="evolutionary" if n > 8 else "replay-trace")
             ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=tmp, max_trials_global=n * len(keys),
-                               max_trials_per_task=n, num_trials_per_iter=min(16, n), builder=builder,
-                               runner=runner, database=database, cost_model=cost_model)
+                          max_trials_per_task=n, num_trials_per_iter=min(16, n), builder=builder,
+                          runner=runner, database=database, cost_model=cost_model)
     finally:
         builder.shutdown()
 
