@@ -92,16 +92,20 @@ def _progress_thread(path: str, total: int, stop: threading.Event, progress: boo
 
 
 def _remove_stale(root: str) -> None:
-    """Delete ``<key>.tmp-<pid>`` folders left by tuning processes that died (crash, kill -9)."""
+    """Delete ``<key>.tmp-<pid>`` (tuning) and ``<key>.merge-<pid>`` (staging of :func:`_merge`)
+    folders left by tuning processes that died (crash, kill -9)."""
     import psutil
 
     for name in os.listdir(root):
-        pid = name.rpartition(".tmp-")[2]
-        if ".tmp-" in name and pid.isdigit() and not psutil.pid_exists(int(pid)):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        for sep in (".tmp-", ".merge-"):
+            pid = name.rpartition(sep)[2]
+            if sep in name and pid.isdigit() and not psutil.pid_exists(int(pid)):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def read_meta(work_dir: str) -> dict:
+    """``meta.json`` of the tuning database at ``work_dir`` (TVM version, target), or ``{}`` if absent
+    or unreadable."""
     return _read_json(os.path.join(work_dir, META))
 
 
@@ -123,7 +127,6 @@ def check_database(work_dir: str) -> dict:
                            f"{tvm.__version__}; schedules do not carry over: re-tune (delete the folder or run "
                            f"`vitprune tune`, which re-tunes it)")
     return meta
-
 
 
 def database_dir(target, cache_dir: Optional[str] = None) -> str:
