@@ -24,9 +24,10 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--round-to", type=int, nargs="+", default=[1, 8],
-                    help="one preset row per value: kept widths rounded to multiples of it (1 = the released "
-                         "widths; odd widths such as 307 or 150 run far below peak in oneDNN on some CPUs)")
+    ap.add_argument("--round-to", nargs="+", default=["default", "1"],
+                    help="one preset row per value: layer widths rounded to multiples of it ('default': the "
+                         "preset's default, 8; 1 = the released widths, whose odd sizes such as 307 or 150 run "
+                         "far below peak in oneDNN on some CPUs)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -41,8 +42,11 @@ def main():
     pipelines = {"unpruned": []}
     for p in args.presets:
         for r in args.round_to:
-            name = f"snp-{p}" + (f" (round_to={r})" if r > 1 else "")
-            pipelines[name] = [f"snp:preset={p},compensate=false,sequential=false,calib_images=4,round_to={r}"]
+            spec = f"snp:preset={p},compensate=false,sequential=false,calib_images=4"
+            name = f"snp-{p}"
+            if r != "default":
+                spec, name = spec + f",round_to={int(r)}", name + (" (released widths)" if int(r) == 1 else f" (round_to={r})")
+            pipelines[name] = [spec]
     for e in args.extra:
         pipelines[e] = e.split("+")
     compiled = {}

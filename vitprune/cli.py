@@ -263,8 +263,10 @@ def cmd_tune(args) -> int:
     args.backend, args.target, args.tune = "tvm", "cpu", True
     compiled = _compile_from_args(args)
     tr = compiled.lowered.tuning
-    print(f"{'cache hit' if tr.cache_hit else f'tuned {tr.num_tasks} tasks, {tr.trials} trials'} in "
-          f"{tr.seconds:.1f} s; database: {tr.work_dir}")
+    lib = getattr(compiled.lowered, "library_path", None)
+    what = "cache hit" if tr.cache_hit else f"tuned {tr.num_tasks} tasks, {tr.trials} trials"
+    print(f"{what} in {tr.seconds:.1f} s; database: {tr.work_dir}"
+          + (f"; built library loaded from the cache: {lib}" if lib else ""))
     return 0
 
 

@@ -55,14 +55,13 @@ def _counts_for(p_fixed: dict, weights: np.ndarray, blocks: list[int], info: Mod
     p_hi, g_hi = make(hi)
     if g_hi > target * 1.01:
         return None
-    best = p_hi if g_hi <= target * 1.01 else None
     for _ in range(30):
         mid = (lo + hi) / 2
-        p, g = make(mid)
+        _, g = make(mid)
         if g > target:
             lo = mid
         else:
-            hi, best = mid, p
+            hi = mid
     p, g = make(hi)
     return p if p is not None and abs(g - target) <= 0.01 * target else None
 

@@ -24,7 +24,7 @@ def _mlp(seed, extra=False):
 
 
 @pytest.mark.slow
-def test_tune_then_cache_hit(cache_dir):
+def test_tune_then_cache_hit(cache_dir, tmp_path):
     """~1 min on an idle 2-core machine (worker start-up dominates); 1 task, 1 trial."""
     x = torch.randn(1, 3, 16, 16)
     m = _mlp(0)
@@ -40,6 +40,8 @@ def test_tune_then_cache_hit(cache_dir):
     with torch.no_grad():
         assert (first(x) - m(x)).abs().max().item() < 1e-5
     records = open(os.path.join(tr.work_dir, tuning.RECORDS)).read()
+    libs = os.path.join(tr.work_dir, "libs")
+    assert first.library_path is None and len(os.listdir(libs)) == 1  # the tuned build was stored
 
     # same shapes, other weights: the cache key ignores weight values -> hit, no new trials
     m2 = _mlp(1)
@@ -49,10 +51,20 @@ def test_tune_then_cache_hit(cache_dir):
     assert second.tuning.cache_hit and second.tuning.work_dir == tr.work_dir and second.tuning.trials == 0
     assert time.time() - t0 < 60
     assert open(os.path.join(tr.work_dir, tuning.RECORDS)).read() == records
+    # other weights are another library: built (not loaded), and it computes m2, not m
+    assert second.library_path is None and len(os.listdir(libs)) == 2
     with torch.no_grad():
         assert (second(x) - m2(x)).abs().max().item() < 1e-5
-    # compile without tune=True also uses the cache
-    assert TvmBackend().lower(gm, (x,), progress=False, tune_ops=["matmul"]).tuning.cache_hit
+    # the same graph again, without tune=True: the library cache (a fresh capture of the same model)
+    again = TvmBackend().lower(export_program(m, (x,)).module(), (x,), progress=False, tune_ops=["matmul"])
+    assert again.tuning.cache_hit and again.library_path is not None
+    with torch.no_grad():
+        assert torch.equal(again(x), first(x))
+    out = str(tmp_path / "again.so")
+    again.export(out)
+    import vitprune
+
+    assert torch.equal(vitprune.load(out)(x), first(x))
 
     # a bigger graph on the same target: only its new task is tuned, the first one's schedule is reused
     m3 = _mlp(2, extra=True)
@@ -64,13 +76,38 @@ def test_tune_then_cache_hit(cache_dir):
     assert open(os.path.join(tr.work_dir, tuning.RECORDS)).read().startswith(records)
     with torch.no_grad():
         assert (third(x) - m3(x)).abs().max().item() < 1e-5
+    # the database changed: the first graph's stored library is stale and is rebuilt
+    assert TvmBackend().lower(gm, (x,), progress=False, tune_ops=["matmul"]).library_path is None
 
     # a database from another TVM version: an explicit error when applied, a re-tune warning from tune()
     meta["tvm_version"] = "0.1.0"
     json.dump(meta, open(os.path.join(tr.work_dir, "meta.json"), "w"))
     with pytest.raises(BackendError, match="made with TVM 0.1.0.*re-tune"):
         tuning.check_database(tr.work_dir)
-    assert TvmBackend().lower(gm, (x,), progress=False, tune_ops=["matmul"]).tuning is None  # lookup ignores it
+    assert TvmBackend().lower(gm, (x,), progress=False, tune_ops=["matmul"]).tuning is None  # lookup and library cache ignore it
+
+
+def test_library_fingerprint_covers_code_weights_constants_and_shape():
+    from vitprune.backends.tvm_libcache import graph_fingerprint
+
+    x = torch.randn(1, 3, 16, 16)
+    fp = graph_fingerprint(export_program(_mlp(0), (x,)).module(), (x,))
+    assert graph_fingerprint(export_program(_mlp(0), (x,)).module(), (x,)) == fp  # fresh capture, same model
+    assert graph_fingerprint(export_program(_mlp(1), (x,)).module(), (x,)) != fp  # weights
+    assert graph_fingerprint(export_program(_mlp(0, extra=True), (x,)).module(), (x,)) != fp  # graph
+    x2 = torch.randn(2, 3, 16, 16)
+    assert graph_fingerprint(export_program(_mlp(0), (x,)).module(), (x2,)) != fp  # static input shape
+
+    class Const(torch.nn.Module):  # a tensor constant that is neither parameter nor buffer
+        def __init__(self, c):
+            super().__init__()
+            self.c = c
+
+        def forward(self, t):
+            return t * self.c
+
+    g1, g2 = (export_program(Const(torch.full((16,), v)), (x,)).module() for v in (1.0, 2.0))
+    assert graph_fingerprint(g1, (x,)) != graph_fingerprint(g2, (x,))
 
 
 def test_tuning_rejects_bad_budget_and_foreign_target(cache_dir):

@@ -14,7 +14,7 @@ from vitprune.ir.match import find_attention_sites
 from vitprune.passes.base import Pass, parse_pass_spec
 from vitprune.passes.snp import SNP, block_macs
 from vitprune.passes.snp_presets import PRESETS
-from vitprune.passes.snp_surgery import finalize, prune_attention
+from vitprune.passes.snp_surgery import finalize, prune_attention, value_head_dim
 
 from ..lowering import onnxruntime_run
 
@@ -63,24 +63,50 @@ def test_scale_kept_in_pruned_model_output():
     assert s.head_dim == 32 and abs(s.scale - 0.125) < 1e-9
 
 
-@pytest.mark.parametrize("name", ["deit-t"])  # deit-s works too (benchmarks/snp_throughput.py); kept fast
-def test_preset_gmacs_match_table_and_analytic(name):
+@pytest.mark.parametrize("name,round_to", [("deit-t", 1), ("deit-t", None)])  # deit-s: benchmarks/snp_throughput.py
+def test_preset_gmacs_match_table_and_analytic(name, round_to):
     p = PRESETS[name]
     a = p["arch"]
     m = timm.create_model("deit_tiny_patch16_224" if name == "deit-t" else "deit_small_patch16_224").eval()
-    c = vitprune.compile(m, [f"snp:preset={name},compensate=false,sequential=false,calib_images=1"],
+    spec = f"snp:preset={name},compensate=false,sequential=false,calib_images=1"
+    c = vitprune.compile(m, [spec + (f",round_to={round_to}" if round_to else "")],
                          example_inputs=X, calibration=CAL, progress=False)
+    # the widths the pruned graph really has, read from its linear layers
+    D = c.graph_module.get_parameter("cls_token").shape[-1]
+    sites = find_attention_sites(c.graph_module)
+    fc1 = [s.fc1.out_features for s in sites]
+    qk = [s.head_dim for s in sites]
+    v = [value_head_dim(s) for s in sites]
+    if round_to == 1:  # the released widths, exactly
+        assert (D, qk, v, fc1) == (p["embed"], p["qk"], p["v"], p["mlp"])
+    else:  # default for presets: every width a multiple of 8, each within 8 of the released one
+        assert all(w % 8 == 0 for w in [D] + fc1 + qk + v)
+        for got, rel in ((qk, p["qk"]), (v, p["v"]), (fc1, p["mlp"]), ([D], [p["embed"]])):
+            assert all(abs(g - r) < 8 for g, r in zip(got, rel))
+            assert abs(sum(got) - sum(rel)) <= 4  # error diffusion keeps the width sums
     g = c.report.gmacs_after
-    D = p["embed"]
-    analytic = (sum(block_macs(197, D, a["num_heads"], p["qk"][i], p["v"][i], p["mlp"][i]) for i in range(12))
+    analytic = (sum(block_macs(197, D, a["num_heads"], qk[i], v[i], fc1[i]) for i in range(12))
                 + 196 * D * 3 * 256 + D * 1000) / 1e9
     assert abs(g - analytic) / analytic < 0.005
     assert abs(g - p["gmacs"]) / p["gmacs"] < 0.02
     params = sum(t.numel() for t in c.graph_module.parameters())
-    ref_params = (sum(D * a["num_heads"] * (2 * p["qk"][i] + p["v"][i]) + a["num_heads"] * (2 * p["qk"][i] + p["v"][i])
-                      + a["num_heads"] * p["v"][i] * D + D + 2 * D * p["mlp"][i] + p["mlp"][i] + D + 4 * D
+    ref_params = (sum(D * a["num_heads"] * (2 * qk[i] + v[i]) + a["num_heads"] * (2 * qk[i] + v[i])
+                      + a["num_heads"] * v[i] * D + D + 2 * D * fc1[i] + fc1[i] + D + 4 * D
                       for i in range(12)) + D * 3 * 256 + D + D + 197 * D + 2 * D + D * 1000 + 1000)
     assert params == ref_params
+
+
+@pytest.mark.parametrize("multiple", [4, 8])
+def test_round_widths_error_diffusion(multiple):
+    from vitprune.passes.snp import round_widths
+    torch.manual_seed(0)
+    widths = torch.randint(8, 57, (12,)).tolist()  # away from the clamps [multiple, 64]
+    out = round_widths(widths, multiple, 64)
+    assert all(w % multiple == 0 and multiple <= w <= 64 for w in out)
+    # every prefix sum stays within multiple/2 of the original: no drift along the blocks
+    for i in range(1, 13):
+        assert abs(sum(out[:i]) - sum(widths[:i])) <= multiple / 2
+    assert round_widths(widths, 1, 64) == widths
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

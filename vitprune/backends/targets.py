@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from typing import Any, Optional
+from typing import Any
 
 from ..errors import BackendError
 

@@ -6,7 +6,9 @@ an importer (else :class:`BackendError` naming the op and where it came from), i
 optionally apply fast-math (§2: ``fast_erf`` GELU, ``fast_softmax``/``fast_exp``; CPU default), then
 build: CPU/ARM with the default pipeline or, when ``tune=True`` / a tuning database exists, with the
 MetaSchedule schedules from the cache (:mod:`vitprune.backends.tuning`); CUDA with the default GPU
-pipeline (dlight rules), which builds on a machine without a GPU (§4a).
+pipeline (dlight rules), which builds on a machine without a GPU (§4a). A tuned CPU build is stored
+in the library cache and a later compile of the same graph (same code, weights, input shape, target
+and database) loads it instead of exporting, importing and building (:mod:`vitprune.backends.tvm_libcache`).
 
 ``.export("m.so")`` writes the library plus ``m.so.json`` (manifest: target, input shape, passes),
 and ``m.so.cu`` (generated CUDA source) for CUDA; each file is written to a temporary name and
@@ -19,6 +21,7 @@ import json
 import os
 import platform
 import re
+import time
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -28,6 +31,7 @@ from torch.fx import GraphModule
 from ..errors import BackendError
 from ..ir.capture import export_program
 from .targets import ARM_CROSS_CXX, find_cross_compiler, resolve_target, target_family, target_json
+from .tvm_libcache import copy_library
 
 MANIFEST_SUFFIX = ".json"
 CUDA_SOURCE_SUFFIX = ".cu"
@@ -205,12 +209,16 @@ class TvmModule(_VmRunner):
     """A graph built by TVM for one target at a static input shape.
 
     Attributes:
-        executable: the ``relax.VMExecutable``; target: the ``tvm.target.Target``; family: cpu/cuda/arm;
-        tuning: the :class:`~vitprune.backends.tuning.TuneResult` when tuned; cuda_source: CUDA C (cuda only).
+        executable: the ``relax.VMExecutable`` (or the loaded library when it came from the library
+        cache); target: the ``tvm.target.Target``; family: cpu/cuda/arm; tuning: the
+        :class:`~vitprune.backends.tuning.TuneResult` when tuned; cuda_source: CUDA C (cuda only);
+        library_path: the cached library it was loaded from (:mod:`vitprune.backends.tvm_libcache`), or None.
     """
 
-    def __init__(self, executable, target, input_shape: tuple, fast_math: bool, tuning=None):
+    def __init__(self, executable, target, input_shape: tuple, fast_math: bool, tuning=None,
+                 library_path: Optional[str] = None):
         self.executable = executable
+        self.library_path = library_path
         self.target = target
         self.family = target_family(target)
         self.input_shape = tuple(input_shape)
@@ -241,7 +249,10 @@ class TvmModule(_VmRunner):
         tmps = [_tmp(path)] + [_tmp(p) for p in files]
         try:
             try:
-                self.executable.export_library(tmps[0], **kwargs)
+                if self.library_path is not None:
+                    copy_library(self.library_path, tmps[0])
+                else:
+                    self.executable.export_library(tmps[0], **kwargs)
             except Exception as exc:
                 raise BackendError(f"export_library({path}) failed: {type(exc).__name__}: "
                                    f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}") from exc
@@ -318,11 +329,16 @@ class TvmBackend:
         family = target_family(tgt)
         if fast_math is None:
             fast_math = family != "cuda"
+        cached = family == "cpu" and (tune or use_cache)
+        if cached:
+            hit = self._cached_library(gm, example_inputs, tgt, fast_math, cache_dir, tune_ops)
+            if hit is not None:
+                return hit
         mod = import_relax(gm, example_inputs)
         if fast_math:
             mod = apply_fast_math(mod)
         tuning = None
-        if family == "cpu" and (tune or use_cache):
+        if cached:
             from . import tuning as tn
 
             if tune:
@@ -333,7 +349,35 @@ class TvmBackend:
         elif tune:
             raise BackendError(f"tune=True needs target='cpu' (MetaSchedule measures on this machine); got {family!r}")
         ex = build(mod, tgt, tuning.work_dir if tuning else None)
+        if tuning is not None:
+            from . import tvm_libcache as lc
+
+            key = lc.library_key(lc.graph_fingerprint(gm, example_inputs), tgt, tuning.work_dir, fast_math, tune_ops)
+            lc.store(ex, tuning.work_dir, key)
         return TvmModule(ex, tgt, tuple(example_inputs[0].shape), fast_math, tuning)
+
+    @staticmethod
+    def _cached_library(gm, example_inputs, tgt, fast_math, cache_dir, tune_ops) -> Optional[TvmModule]:
+        """The tuned library of this exact graph from the library cache, or None (build it)."""
+        import tvm
+
+        from . import tvm_libcache as lc
+        from .tuning import TuneResult, database_dir, read_meta
+
+        t0 = time.time()
+        work_dir = database_dir(tgt, cache_dir)
+        if read_meta(work_dir).get("tvm_version") != tvm.__version__:
+            return None
+        key = lc.library_key(lc.graph_fingerprint(gm, example_inputs), tgt, work_dir, fast_math, tune_ops)
+        path = lc.find(work_dir, key)
+        if path is None:
+            return None
+        try:
+            lib = tvm.runtime.load_module(path)
+        except Exception:  # a corrupt cache entry: rebuild (and overwrite it)
+            return None
+        tuning = TuneResult(work_dir, True, 0, 0, time.time() - t0)
+        return TvmModule(lib, tgt, tuple(example_inputs[0].shape), fast_math, tuning, library_path=path)
 
     @staticmethod
     def resolve(target: Union[str, dict], target_options: Optional[dict] = None, **extra):
