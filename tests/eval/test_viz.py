@@ -185,3 +185,14 @@ def test_merge_groups_hand_made_with_dropped_destination():
     assert layers[1]["group"].tolist() == [[0, 1, 1, -1, -1, 1, -1]] * 2
     assert layer_label(layers[1]["group"][0, 1:].numpy(), "merge") == "1 tokens (2 merged, 3 dropped)"
     assert layer_label(np.array([1, -1, 2, 3]), "prune") == "3/4 patches kept"
+
+
+def test_colour_keys_follow_group_members_not_positions():
+    from vitprune.eval.viz import colour_keys
+
+    # the same two groups ({0, 2}, {1, 3}) at different output positions, and one dropped patch
+    a = colour_keys(np.array([5, 7, 5, 7, -1]))
+    b = colour_keys(np.array([1, 0, 1, 0, -1]))
+    assert a.tolist() == b.tolist() == [0, 1, 0, 1, -1]
+    # group {1, 3} absorbs {0, 2}: the merged group takes the colour of its lowest patch
+    assert colour_keys(np.array([4, 4, 4, 4, -1])).tolist() == [0, 0, 0, 0, -1]

@@ -6,7 +6,8 @@ pruning (Zero-TPrune ``mode=prune``), the packed matching for merging (ToMe) and
 ``kept | src | dst`` of Zero-TPrune's merge variant. Composing them layer by layer
 gives, for every original token, the token that stands for it after each layer (or −1 once it is
 dropped). :func:`draw_kept_tokens` draws one panel per layer with matplotlib: dropped patches
-greyed out, patches merged into one token filled with that group's colour.
+greyed out, patches merged into one token filled with that group's colour (chosen by the group's
+lowest patch index, so a group that survives to the next panel keeps its colour).
 """
 
 from __future__ import annotations
@@ -90,6 +91,18 @@ def layer_label(patches: np.ndarray, kind: str) -> str:
     return f"{tokens} tokens ({len(alive) - tokens} merged, {len(patches) - len(alive)} dropped)"
 
 
+def colour_keys(patches: np.ndarray) -> np.ndarray:
+    """``[M]`` group of each patch (−1: dropped) -> ``[M]`` colour key: the lowest patch index of the
+    patch's group (−1 if dropped). Group ids are positions in one layer's output and change from
+    layer to layer; the key depends only on the group's members, so a group keeps its colour."""
+    keys = np.full(len(patches), -1, dtype=np.int64)
+    first: dict = {}
+    for p, g in enumerate(patches):
+        if g >= 0:
+            keys[p] = first.setdefault(int(g), p)
+    return keys
+
+
 def draw_kept_tokens(image: np.ndarray, layers: Sequence[dict], out: str, num_prefix: int = 1,
                      sample: int = 0, title: Optional[str] = None, cols: Optional[int] = None) -> str:
     """Draw the kept-token map of one image and save it as a PNG.
@@ -129,13 +142,14 @@ def draw_kept_tokens(image: np.ndarray, layers: Sequence[dict], out: str, num_pr
         img = image.copy()
         counts = np.bincount(patches[patches >= 0], minlength=1)
         grey = np.array([0.55, 0.55, 0.55])
+        keys = colour_keys(patches)
         for p, g in enumerate(patches):
             r, c = divmod(p, side)
             sl = (slice(r * ph, (r + 1) * ph), slice(c * pw, (c + 1) * pw))
             if g < 0:
                 img[sl] = 0.25 * img[sl] + 0.75 * grey
             elif counts[g] > 1:
-                img[sl] = 0.45 * img[sl] + 0.55 * palette[g % len(palette)]
+                img[sl] = 0.45 * img[sl] + 0.55 * palette[keys[p] % len(palette)]
         ax.imshow(img)
         ax.set_title(f"{name}\n{layer_label(patches, L['kind'])}", fontsize=10)
     if title:
