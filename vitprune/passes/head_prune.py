@@ -27,7 +27,7 @@ class HeadPrune(SNP):
     """Remove ``heads`` heads per block (int for every block, or a per-block list).
 
     Args (besides SNP's calibration/recovery options ``compensate``, ``sequential``, ``calib``,
-    ``calib_images``, ``ridge``, ``augment``, default ``none`` here):
+    ``calib_images``, ``ridge``, ``augment`` and ``token_weight``, both default ``none`` here):
         heads: heads removed per block; must leave at least one head.
 
     Raises:
@@ -38,6 +38,9 @@ class HeadPrune(SNP):
     heads: Union[int, list[int], None] = 1
     #: no extra calibration views by default (SNP's ``flip+crops`` default was measured for SNP only)
     augment: str = "none"
+    #: unweighted refit (SNP's ``fisher`` default was measured for SNP only; head-prune computes no
+    #: Fisher scores, so ``fisher`` would be ignored here)
+    token_weight: str = "none"
 
     def validate(self) -> None:
         vals = self.heads if isinstance(self.heads, list) else [self.heads]

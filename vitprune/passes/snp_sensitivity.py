@@ -100,6 +100,9 @@ def _token_dim(node, tokens: int, default=None):
 
 def _token_weights(g: torch.Tensor) -> torch.Tensor:
     """``[B, N, D]`` gradients -> ``[B, N]`` ``||g||^2`` per token, mean 1 per image (batch-first
-    layout assumed, as timm and Hugging Face ViTs)."""
+    layout assumed, as timm and Hugging Face ViTs). An image whose gradients all vanish (e.g. a
+    zero-initialised classifier) gets weight 1 on every token instead of 0, so a weighted refit never
+    sees an all-zero Gram matrix."""
     w = (g.double() ** 2).sum(-1)
-    return w / w.mean(-1, keepdim=True).clamp_min(1e-30)
+    m = w.mean(-1, keepdim=True)
+    return torch.where(m > 0, w / m.clamp_min(1e-300), torch.ones_like(w))
