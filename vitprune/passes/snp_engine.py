@@ -20,13 +20,13 @@ grow with the number of calibration images.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch.fx import GraphModule, Node
 
-from ..calibration import grab, iter_batches
+from ..calibration import grab
 from ..ir.match import VIEW_OPS, find_attention_sites
 from ..ir.sites import AttentionSite
 from ..ir.width_repair import repair_widths
@@ -202,7 +202,7 @@ def _targets(stream, i, so, sw, lin_o, lin_w, res_o, res_w, x_w, x_o, extra_w=()
     """Input ``x`` of the linear (pruned model if sequential) and its refit target ``t``:
     original residual stream minus the pruned model's skip input (sequential, no layer scale),
     else the original linear's output."""
-    skip_w, skip_o = _skip(sw, lin_w, res_w), _skip(so, lin_o, res_o)
+    skip_w = _skip(sw, lin_w, res_w)
     if stream.sequential:
         vo = stream.orig(i, [res_o if skip_w is not None else lin_o, *extra_o])
         vw = stream.pruned(i, [x_w] + ([skip_w] if skip_w is not None else []) + list(extra_w))
