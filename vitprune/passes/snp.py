@@ -122,8 +122,8 @@ class SNP(Pass):
             stream) to multiples of this. ALGORITHMS.md §2g pitfall 6: odd widths waste GEMM and
             attention-kernel tiles. Measured here (benchmarks/snp_throughput.py, DeiT-S, batch 32,
             1 thread, AMD EPYC): ``snp-deit-s`` with the released widths (residual 307, q-k 25
-            per head) 1.33x the unpruned throughput, rounded to multiples of 8 1.84x; per-head
-            multiples of 4 (layer widths still multiples of 8) only 1.63x. Default (None): 8 for
+            per head) 1.32x the unpruned throughput, rounded to multiples of 8 (default) 1.86x;
+            per-head multiples of 4 (layer widths still multiples of 8) only 1.63x. Default (None): 8 for
             ``preset``, 1 otherwise. Preset widths are rounded by error diffusion along the blocks
             (:func:`round_widths`), which keeps the width sums and the GMACs close to the released
             ones (``deit-s`` 2.017 vs 2.037 GMACs, mostly the residual 307 -> 304; ``deit-t``
@@ -159,12 +159,16 @@ class SNP(Pass):
             block only the class token gets weight with a class-token head). Both act only with
             ``sequential`` and a residual add right after proj/fc2; ``fisher`` also needs a
             batch-first ``[B, N, D]`` residual stream, and an image whose gradients vanish gets
-            weight 1 on every token (else unweighted). Default ``fisher``: on DeiT-T at -20 % GMACs (``augment=flip+crops``) it
-            had the lowest two-fold cross-validated KL on the calibration images (mean of the
-            halves and interleaved splits, top-1 / agreement / KL: ``fisher`` 76.6 / 87.5 / 0.168,
-            ``none`` 75.8 / 87.5 / 0.181, ``ln`` 76.6 / 88.3 / 0.184); held-out (436 images) drop
-            6.9 pt at -20 % (``none``: 8.3) and 1.1 pt at -10 % (``none``: 1.4); calibration
-            245 s vs 202 s (DeiT-T, 64 images, 1 thread; docs/snp_levers_20pct.md).
+            weight 1 on every token (else unweighted). Default ``fisher``: on DeiT-T at -20 %
+            GMACs (``augment=flip+crops``) it had the lowest two-fold cross-validated KL on the
+            calibration images (mean of the halves and interleaved splits, top-1 / agreement / KL:
+            ``fisher`` 76.6 / 87.5 / 0.168, ``none`` 75.8 / 87.5 / 0.181, ``ln`` 76.6 / 88.3 /
+            0.184); held-out (436 images) drop 6.9 pt at -20 % (``none``: 8.3) and 1.1 pt at
+            -10 % (``none``: 1.4). It fits the calibration images harder, and at larger
+            reductions that over-fits: at -30 % held-out drop 24.5 pt against 20.2 with ``none``
+            (calibration / held-out KL 0.103 / 1.004 against 0.204 / 0.891); pass
+            ``token_weight=none`` beyond -20 %. Calibration 245 s vs 202 s (DeiT-T, 64 images,
+            1 thread; docs/snp_levers_20pct.md).
 
     Raises:
         InvalidPassConfigError: ratio outside [0, 1), a ratio leaving 0 neurons in a head,
