@@ -12,7 +12,7 @@ from vitprune.eval.flops import gmacs
 from vitprune.ir.capture import capture
 from vitprune.ir.match import find_attention_sites
 from vitprune.passes.base import Pass, parse_pass_spec
-from vitprune.passes.snp import SNP, block_macs
+from vitprune.passes.snp import SNP, block_macs, round_widths
 from vitprune.passes.snp_presets import PRESETS
 from vitprune.passes.snp_surgery import finalize, prune_attention, value_head_dim
 
@@ -71,7 +71,7 @@ def test_preset_gmacs_match_table_and_analytic(name, round_to):
     spec = f"snp:preset={name},compensate=false,sequential=false,calib_images=1"
     c = vitprune.compile(m, [spec + (f",round_to={round_to}" if round_to else "")],
                          example_inputs=X, calibration=CAL, progress=False)
-    # the widths the pruned graph really has, read from its linear layers
+    # the widths the pruned graph really has: residual from cls_token, the rest from its attention sites
     D = c.graph_module.get_parameter("cls_token").shape[-1]
     sites = find_attention_sites(c.graph_module)
     fc1 = [s.fc1.out_features for s in sites]
@@ -98,7 +98,6 @@ def test_preset_gmacs_match_table_and_analytic(name, round_to):
 
 @pytest.mark.parametrize("multiple", [4, 8])
 def test_round_widths_error_diffusion(multiple):
-    from vitprune.passes.snp import round_widths
     torch.manual_seed(0)
     widths = torch.randint(8, 57, (12,)).tolist()  # away from the clamps [multiple, 64]
     out = round_widths(widths, multiple, 64)

@@ -94,13 +94,17 @@ def _progress_thread(path: str, total: int, stop: threading.Event, progress: boo
 def _remove_stale(root: str) -> None:
     """Delete ``<key>.tmp-<pid>`` (tuning) and ``<key>.merge-<pid>`` (staging of :func:`_merge`)
     folders left by tuning processes that died (crash, kill -9)."""
+    for name in os.listdir(root):
+        if left_by_dead_process(name, ".tmp-") or left_by_dead_process(name, ".merge-"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def left_by_dead_process(name: str, sep: str) -> bool:
+    """True if ``name`` is ``<anything><sep><pid>[.<ext>]`` and process ``pid`` no longer exists."""
     import psutil
 
-    for name in os.listdir(root):
-        for sep in (".tmp-", ".merge-"):
-            pid = name.rpartition(sep)[2]
-            if sep in name and pid.isdigit() and not psutil.pid_exists(int(pid)):
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    pid = name.rpartition(sep)[2].split(".")[0]
+    return sep in name and pid.isdigit() and not psutil.pid_exists(int(pid))
 
 
 def read_meta(work_dir: str) -> dict:

@@ -31,7 +31,7 @@ from torch.fx import GraphModule
 from ..errors import BackendError
 from ..ir.capture import export_program
 from .targets import ARM_CROSS_CXX, find_cross_compiler, resolve_target, target_family, target_json
-from .tvm_libcache import copy_library
+from . import tvm_libcache as lc
 
 MANIFEST_SUFFIX = ".json"
 CUDA_SOURCE_SUFFIX = ".cu"
@@ -250,7 +250,7 @@ class TvmModule(_VmRunner):
         try:
             try:
                 if self.library_path is not None:
-                    copy_library(self.library_path, tmps[0])
+                    lc.copy_library(self.library_path, tmps[0])
                 else:
                     self.executable.export_library(tmps[0], **kwargs)
             except Exception as exc:
@@ -330,8 +330,9 @@ class TvmBackend:
         if fast_math is None:
             fast_math = family != "cuda"
         cached = family == "cpu" and (tune or use_cache)
+        fingerprint = lc.graph_fingerprint(gm, example_inputs) if cached else None
         if cached:
-            hit = self._cached_library(gm, example_inputs, tgt, fast_math, cache_dir, tune_ops)
+            hit = self._cached_library(fingerprint, example_inputs, tgt, fast_math, cache_dir, tune_ops)
             if hit is not None:
                 return hit
         mod = import_relax(gm, example_inputs)
@@ -350,25 +351,22 @@ class TvmBackend:
             raise BackendError(f"tune=True needs target='cpu' (MetaSchedule measures on this machine); got {family!r}")
         ex = build(mod, tgt, tuning.work_dir if tuning else None)
         if tuning is not None:
-            from . import tvm_libcache as lc
-
-            key = lc.library_key(lc.graph_fingerprint(gm, example_inputs), tgt, tuning.work_dir, fast_math, tune_ops)
-            lc.store(ex, tuning.work_dir, key)
+            lc.store(ex, tuning.work_dir, lc.library_key(fingerprint, tgt, tuning.work_dir, fast_math, tune_ops))
         return TvmModule(ex, tgt, tuple(example_inputs[0].shape), fast_math, tuning)
 
     @staticmethod
-    def _cached_library(gm, example_inputs, tgt, fast_math, cache_dir, tune_ops) -> Optional[TvmModule]:
-        """The tuned library of this exact graph from the library cache, or None (build it)."""
+    def _cached_library(fingerprint, example_inputs, tgt, fast_math, cache_dir, tune_ops) -> Optional[TvmModule]:
+        """The tuned library of the graph with this :func:`~vitprune.backends.tvm_libcache.graph_fingerprint`
+        from the library cache, or None (build it)."""
         import tvm
 
-        from . import tvm_libcache as lc
         from .tuning import TuneResult, database_dir, read_meta
 
         t0 = time.time()
         work_dir = database_dir(tgt, cache_dir)
         if read_meta(work_dir).get("tvm_version") != tvm.__version__:
             return None
-        key = lc.library_key(lc.graph_fingerprint(gm, example_inputs), tgt, work_dir, fast_math, tune_ops)
+        key = lc.library_key(fingerprint, tgt, work_dir, fast_math, tune_ops)
         path = lc.find(work_dir, key)
         if path is None:
             return None

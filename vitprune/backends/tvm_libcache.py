@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 import torch
 from torch.fx import GraphModule
 
-from .tuning import RECORDS
+from .tuning import RECORDS, left_by_dead_process
 
 MAX_LIBRARIES = 8
 LIBS = "libs"
@@ -137,11 +137,8 @@ def store(executable, work_dir: str, key: Optional[str]) -> Optional[str]:
 
 
 def _evict(folder: str) -> None:
-    import psutil
-
     for f in os.listdir(folder):  # temporaries of processes that died while exporting
-        pid = f.rpartition(".tmp-")[2].split(".")[0]
-        if ".tmp-" in f and pid.isdigit() and not psutil.pid_exists(int(pid)):
+        if left_by_dead_process(f, ".tmp-"):
             try:
                 os.remove(os.path.join(folder, f))
             except OSError:

@@ -39,9 +39,7 @@ def kept(n: int, ratio: float, round_to: int = 1) -> int:
     """Kept count ``n - round(n * ratio)``, optionally rounded to a multiple of ``round_to``
     (at least ``round_to``, at most ``n``)."""
     k = n - int(round(n * ratio))
-    if round_to > 1 and k > 0:
-        k = min(n, max(round_to, int(round(k / round_to)) * round_to))
-    return k
+    return round_widths([k], round_to, n)[0] if k > 0 else k
 
 
 def round_widths(widths: list[int], multiple: int, full: int) -> list[int]:
