@@ -125,6 +125,20 @@ def test_target_gmacs_hit_within_one_percent():
         assert c.report.passes[0]["gmacs_target"] == pytest.approx(target, rel=1e-4)
 
 
+@pytest.mark.parametrize("depth", [2, 3, 4, 6, 12, 24])
+def test_default_prune_blocks_every_other_block_from_a_quarter_depth(depth):
+    from vitprune.passes.zero_tprune import default_prune_blocks
+
+    blocks = default_prune_blocks(depth)
+    last = max(depth - 3, depth // 4)                                         # the third-to-last block
+    assert blocks[0] == depth // 4 and blocks[-1] <= last < blocks[-1] + 2
+    assert all(b - a == 2 for a, b in zip(blocks, blocks[1:]))
+    three = default_prune_blocks(depth, 3)                                    # keep=[a;b;c] without prune_blocks
+    assert three == sorted(set(three)) and all(0 <= b <= depth - 2 for b in three)
+    if depth >= 8:
+        assert len(three) == 3
+
+
 @pytest.mark.slow
 def test_presets_on_deit_small_hit_the_papers_budgets():
     import timm
