@@ -8,6 +8,14 @@ each backend, the number of images whose top-1 differs from eager, the max abs l
 all images (fp32; the issue's bar is 1e-4) and the number of images above 1e-4. TVM builds at
 --batch-size and uses the tuning cache when one exists for the graph (``vitprune tune``), else the
 untuned build (slow: ~1 s/image).
+
+Reference row ``eager+noise``: the eager graph against itself on the input multiplied by
+``1 + --input-noise · N(0, 1)`` (default 1e-7, about one fp32 ulp; fixed seed). A graph with
+data-dependent token selection (Zero-TPrune, ToMe) is discontinuous where two tokens tie: an image
+whose ranking is within rounding of a tie changes its kept tokens under any fp32 difference, a
+backend's summation order as much as this noise. The table lists the images above 1e-4 per row
+(dataset order) and the max difference over the images that stay within 1e-4 under this noise,
+so a backend's outliers can be told apart from the model's own discontinuities.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ def main() -> int:
     ap.add_argument("--backends", nargs="+", default=["onnx", "tvm"], choices=["onnx", "tvm"])
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--input-noise", type=float, default=1e-7,
+                    help="relative input perturbation of the eager+noise reference row (0: no such row)")
     args = ap.parse_args()
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
 
@@ -55,11 +65,13 @@ def main() -> int:
             if b == "tvm":
                 tr = mods[b].lowered.tuning
                 print(f"[{vname}] tvm: {'tuned (cache ' + tr.work_dir + ')' if tr else 'untuned'}", flush=True)
+        if args.input_noise > 0:
+            gen = torch.Generator().manual_seed(0)
+            eager = mods["eager"]
+            mods["eager+noise"] = lambda x: eager(x * (1 + args.input_noise * torch.randn(x.shape, generator=gen)))
         correct = {k: 0 for k in mods}
         differ = {k: 0 for k in mods}
-        maxdiff = {k: 0.0 for k in mods}
-        over = {k: 0 for k in mods}
-        n = 0
+        diffs = {k: [] for k in mods}                  # per image: max abs logit difference to eager
         with torch.no_grad():
             for batch in tqdm(loader, desc=vname):
                 imgs, labels = batch[0], batch[1]
@@ -70,18 +82,24 @@ def main() -> int:
                     out = ref if k == "eager" else m(imgs)
                     correct[k] += int((out.argmax(1) == labels).sum())
                     differ[k] += int((out.argmax(1) != ref.argmax(1)).sum())
-                    per_image = (out - ref).abs().amax(1)
-                    maxdiff[k] = max(maxdiff[k], per_image.max().item())
-                    over[k] += int((per_image > 1e-4).sum())
-                n += len(labels)
+                    diffs[k] += (out - ref).abs().amax(1).tolist()
+        noisy = {i for i, d in enumerate(diffs.get("eager+noise", [])) if d > 1e-4}
         for k in mods:
-            rows.append((vname, k, correct[k], n, differ[k], maxdiff[k], over[k]))
-    print("\n| variant | backend | top-1 | top-1 differs from eager | max abs logit diff | images > 1e-4 |\n"
-          "|---|---|---|---|---|---|")
-    for v, k, c, n, d, md, o in rows:
-        print(f"| {v} | {k} | {c}/{n} | {d} | {md:.2e} | {o} |")
-    ok = all(d == 0 and md <= 1e-4 for _, _, _, _, d, md, _ in rows)
-    print("PASS" if ok else "FAIL", "(top-1 identical to eager and max abs diff <= 1e-4)")
+            d = torch.tensor(diffs[k])
+            over = torch.nonzero(d > 1e-4).flatten().tolist()
+            rest = max((x for i, x in enumerate(diffs[k]) if i not in noisy), default=0.0)
+            rows.append((vname, k, correct[k], len(d), differ[k], float(d.max()), over, rest, noisy))
+    print("\n| variant | backend | top-1 | top-1 differs from eager | max abs logit diff | images > 1e-4 (which) "
+          "| max over images eager+noise keeps <= 1e-4 |\n|---|---|---|---|---|---|---|")
+    for v, k, c, n, d, md, o, rest, _ in rows:
+        which = f" ({', '.join(map(str, o[:10]))}{', ...' if len(o) > 10 else ''})" if o else ""
+        print(f"| {v} | {k} | {c}/{n} | {d} | {md:.2e} | {len(o)}{which} | {rest:.2e} |")
+    ok = all(d == 0 and md <= 1e-4 for _, k, _, _, d, md, *_ in rows if k != "eager+noise")
+    print("PASS" if ok else "FAIL", "(backends: top-1 identical to eager and max abs diff <= 1e-4)")
+    for v, k, _, _, _, _, o, rest, noisy in rows:
+        if o and k not in ("eager", "eager+noise") and args.input_noise > 0:
+            print(f"[{v}] {k}: {sum(i in noisy for i in o)} of its {len(o)} images above 1e-4 also move above 1e-4 "
+                  f"in eager under {args.input_noise:g} relative input noise; max over the others {rest:.2e}")
     return 0 if ok else 1
 
 

@@ -6,7 +6,10 @@ the paper's dropping, ``mode=prune``), CLS-attention top-k (``importance=cls``),
 pass is compiled with ``target_gmacs`` (GMACs measured on the pruned graph, pruning-layer work
 included). Prints a markdown table (with the mean KL divergence ``KL(unpruned || pruned)`` of the
 softmax outputs, the most sensitive of the three metrics) and writes a PNG plot. Ad-hoc variants (ablations) are
-added with ``--method NAME=SPEC`` where SPEC contains ``{g}`` for the budget.
+added with ``--method NAME=SPEC`` where SPEC contains ``{g}`` for the budget. A second table gives,
+per budget, Zero-TPrune minus each other method in top-1 and agreement (points) with a 95 %
+paired bootstrap confidence interval over the images (``scipy.stats.bootstrap``), so that a
+difference of a few images can be told from noise.
 
     PYTHONPATH=. python benchmarks/token_accuracy_vs_gmacs.py \
         --weights ../shared/models/deit_tiny_patch16_224.safetensors \
@@ -50,6 +53,22 @@ def kl_div(ref_logp: torch.Tensor, logp: torch.Tensor) -> float:
     return float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean())
 
 
+def paired_ci(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """Mean of ``a - b`` over images, in points, with its 95 % paired bootstrap interval.
+
+    ``a``, ``b``: ``[N]`` per-image 0/1 outcomes (correct, or agrees with unpruned) of two methods
+    on the same images. BCa interval, 2000 resamples, fixed seed.
+    """
+    from scipy.stats import bootstrap
+
+    d = (a.double() - b.double()).numpy() * 100.0
+    if d.std() == 0:
+        return float(d.mean()), float(d.mean()), float(d.mean())
+    ci = bootstrap((d,), lambda x, axis: x.mean(axis=axis), n_resamples=2000, confidence_level=0.95,
+                   random_state=0).confidence_interval
+    return float(d.mean()), float(ci.low), float(ci.high)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="deit_tiny_patch16_224")
@@ -91,6 +110,7 @@ def main() -> None:
     base = vitprune.compile(model, [], example_inputs=batches[0][:2], progress=False).report.gmacs_before
     rows = [{"method": "unpruned", "spec": "-", "gmacs": base, "top1": base_top1, "agreement": 100.0,
              "kl": 0.0}]
+    per_image = {}                                  # (method, budget) -> (correct [N], agrees [N])
     for g in args.budgets:
         for name, template in methods.items():
             spec = template.format(g=g)
@@ -103,6 +123,7 @@ def main() -> None:
                 continue
             logp = predict(c, tqdm(batches, desc=spec, leave=False))
             pred = logp.argmax(-1)
+            per_image[(name, g)] = (pred == labels, pred == ref)
             rows.append({"method": name, "spec": spec, "target": g, "gmacs": c.report.gmacs_after,
                          "top1": 100.0 * float((pred == labels).float().mean()),
                          "agreement": 100.0 * float((pred == ref).float().mean()),
@@ -119,9 +140,22 @@ def main() -> None:
             continue
         print(f"| {r['method']} | {r.get('target', '-')} | {r['gmacs']:.3f} | {r['top1']:.1f} | "
               f"{r['top1'] - base_top1:+.1f} | {r['agreement']:.1f} | {r['kl']:.4f} |")
+    anchor = "zero-tprune"
+    pairs = [(g, n) for g in args.budgets for n in methods if n != anchor
+             and (anchor, g) in per_image and (n, g) in per_image]
+    diffs = []
+    if pairs:
+        print(f"\n{anchor} minus each method, points, with 95 % paired bootstrap intervals over the images\n")
+        print("| budget | method | Δ top-1 [95 % CI] | Δ agreement [95 % CI] |")
+        print("|---|---|---|---|")
+        for g, n in pairs:
+            cells = [paired_ci(a, b) for a, b in zip(per_image[(anchor, g)], per_image[(n, g)])]
+            diffs.append({"budget": g, "method": n, "top1": cells[0], "agreement": cells[1]})
+            print(f"| {g} | {n} | " + " | ".join(f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]" for m, lo, hi in cells) + " |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"images": len(labels), "offset": args.offset, "rows": rows}, f, indent=2)
+            json.dump({"images": len(labels), "offset": args.offset, "rows": rows,
+                       "differences": diffs}, f, indent=2)
     plot(rows, base_top1, base, args.out, f"{args.model}, {len(labels)} images, no fine-tuning")
 
 

@@ -122,7 +122,7 @@ def draw_kept_tokens(image: np.ndarray, layers: Sequence[dict], out: str, num_pr
     import matplotlib.pyplot as plt
 
     h, w = image.shape[:2]
-    panels = [("input", None)] + [(f"after block {L['block'] + 1}", L) for L in layers]
+    panels = [("input", None)] + [(f"after block {L['block']}", L) for L in layers]
     cols = cols or min(len(panels), 5)
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.5 * rows), squeeze=False)
