@@ -110,6 +110,23 @@ def test_library_fingerprint_covers_code_weights_constants_and_shape():
     assert graph_fingerprint(g1, (x,)) != graph_fingerprint(g2, (x,))
 
 
+def test_library_key_follows_the_records_content_not_their_mtime(tmp_path):
+    from vitprune.backends.targets import resolve_target
+    from vitprune.backends.tvm_libcache import library_key
+
+    target = resolve_target("cpu")
+    assert library_key("fp", target, str(tmp_path), False) is None          # no records: nothing cached
+    records = tmp_path / tuning.RECORDS
+    records.write_text('{"a": 1}\n')
+    key = library_key("fp", target, str(tmp_path), False)
+    os.utime(records, ns=(1, 1))                                            # copied: new mtime, same bytes
+    assert library_key("fp", target, str(tmp_path), False) == key
+    records.write_text('{"a": 2}\n')                                       # same size, other schedule
+    os.utime(records, ns=(1, 1))
+    assert library_key("fp", target, str(tmp_path), False) != key
+    assert library_key("fp", target, str(tmp_path), True) != library_key("fp", target, str(tmp_path), False)
+
+
 def test_tuning_rejects_bad_budget_and_foreign_target(cache_dir):
     from vitprune.backends.targets import resolve_target
 

@@ -13,8 +13,9 @@ The key (:func:`library_key`) is a SHA-256 over everything the library depends o
   buffer and tensor constant;
 * the input shape and dtype (the library is built for one static shape);
 * the target JSON, the TVM version, fast-math, the tuned-op filter;
-* the database state: size and modification time of its tuning records, so a library built before
-  more schedules were merged is rebuilt rather than reused.
+* the database state: a SHA-256 of its tuning records' bytes (a few ms for a fully tuned DeiT), so a
+  library built before more schedules were merged is rebuilt rather than reused, while a database
+  copied elsewhere (new modification times, same records) still finds its libraries.
 
 Only builds that used a database covering the whole graph are stored (an untuned build is quick
 to redo and would otherwise shadow a later tune). ``compile()``'s parity check runs on a loaded
@@ -90,12 +91,15 @@ def library_key(fingerprint: str, target, work_dir: str, fast_math: bool,
 
     from .targets import target_json
 
+    records = hashlib.sha256()
     try:
-        st = os.stat(os.path.join(work_dir, RECORDS))
+        with open(os.path.join(work_dir, RECORDS), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                records.update(chunk)
     except OSError:
         return None
     parts = [fingerprint, target_json(target), tvm.__version__, f"fast_math={bool(fast_math)}",
-             ",".join(sorted(tune_ops or [])), f"records={st.st_size}:{st.st_mtime_ns}"]
+             ",".join(sorted(tune_ops or [])), f"records={records.hexdigest()}"]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
