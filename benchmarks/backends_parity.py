@@ -85,21 +85,25 @@ def main() -> int:
                     diffs[k] += (out - ref).abs().amax(1).tolist()
         noisy = {i for i, d in enumerate(diffs.get("eager+noise", [])) if d > 1e-4}
         for k in mods:
-            d = torch.tensor(diffs[k])
-            over = torch.nonzero(d > 1e-4).flatten().tolist()
-            rest = max((x for i, x in enumerate(diffs[k]) if i not in noisy), default=0.0)
-            rows.append((vname, k, correct[k], len(d), differ[k], float(d.max()), over, rest, noisy))
+            over = [i for i, d in enumerate(diffs[k]) if d > 1e-4]
+            rows.append(dict(variant=vname, backend=k, correct=correct[k], n=len(diffs[k]), differ=differ[k],
+                             max=max(diffs[k]), over=over, also_noisy=sum(i in noisy for i in over),
+                             rest=max((d for i, d in enumerate(diffs[k]) if i not in noisy), default=0.0)))
     print("\n| variant | backend | top-1 | top-1 differs from eager | max abs logit diff | images > 1e-4 (which) "
           "| max over images eager+noise keeps <= 1e-4 |\n|---|---|---|---|---|---|---|")
-    for v, k, c, n, d, md, o, rest, _ in rows:
+    for r in rows:
+        o = r["over"]
         which = f" ({', '.join(map(str, o[:10]))}{', ...' if len(o) > 10 else ''})" if o else ""
-        print(f"| {v} | {k} | {c}/{n} | {d} | {md:.2e} | {len(o)}{which} | {rest:.2e} |")
-    ok = all(d == 0 and md <= 1e-4 for _, k, _, _, d, md, *_ in rows if k != "eager+noise")
+        print(f"| {r['variant']} | {r['backend']} | {r['correct']}/{r['n']} | {r['differ']} | {r['max']:.2e} "
+              f"| {len(o)}{which} | {r['rest']:.2e} |")
+    backends = [r for r in rows if r["backend"] not in ("eager", "eager+noise")]
+    ok = all(r["differ"] == 0 and r["max"] <= 1e-4 for r in backends)
     print("PASS" if ok else "FAIL", "(backends: top-1 identical to eager and max abs diff <= 1e-4)")
-    for v, k, _, _, _, _, o, rest, noisy in rows:
-        if o and k not in ("eager", "eager+noise") and args.input_noise > 0:
-            print(f"[{v}] {k}: {sum(i in noisy for i in o)} of its {len(o)} images above 1e-4 also move above 1e-4 "
-                  f"in eager under {args.input_noise:g} relative input noise; max over the others {rest:.2e}")
+    for r in backends:
+        if r["over"] and args.input_noise > 0:
+            print(f"[{r['variant']}] {r['backend']}: {r['also_noisy']} of its {len(r['over'])} images above 1e-4 also "
+                  f"move above 1e-4 in eager under {args.input_noise:g} relative input noise; max over the others "
+                  f"{r['rest']:.2e}")
     return 0 if ok else 1
 
 
