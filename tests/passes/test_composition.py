@@ -25,7 +25,7 @@ def test_snp_and_zero_tprune_compose(passes):
     model = timm.create_model("deit_tiny_patch16_224").eval()
     x = torch.randn(2, 3, 224, 224)
     calib = torch.randn(8, 3, 224, 224)
-    # one compile, lowered to ONNX: the pruned graph is compiled.graph_module, the ORT session compiled
+    # one compile lowered to ONNX: .graph_module is the pruned graph, calling the module runs onnxruntime
     onnx = vitprune.compile(model, passes=passes, example_inputs=x, backend="onnx", calibration=calib,
                             progress=False, check_parity=False)
     sites = find_attention_sites(onnx.graph_module)
