@@ -17,6 +17,14 @@ difference of a few images can be told from noise.
 
 To choose a default on some images and confirm it on others: ``--limit 250`` (the first 250)
 then ``--offset 250`` (the rest), with ``--methods`` / ``--method`` to run only what is compared.
+
+``--augment flip+crops`` also runs every model on deterministic extra views of each image (its
+mirror and four corner crops, each mirrored: 10 views, :func:`vitprune.calibration.augment_views`,
+the views SNP calibrates on). Top-1, agreement (with the unpruned model on the same view) and KL
+are then means over all views; the bootstrap resamples images, each with the mean over its views.
+A token-pruning decision that flips one borderline view counts 1/10 of an image instead of a whole
+one, so two methods within a few images of each other can be told apart more finely; the
+single-view default (center crop) stays the headline number.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 import vitprune
+from vitprune.calibration import augment_views, parse_augment
 from vitprune.eval.data import ImageFolder, make_loader
 from vitprune.models import eval_transform, load_model
 
@@ -53,11 +62,31 @@ def kl_div(ref_logp: torch.Tensor, logp: torch.Tensor) -> float:
     return float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean())
 
 
+def per_image(outcome: torch.Tensor, image_of_row: torch.Tensor, n_images: int) -> torch.Tensor:
+    """``[n_images]`` mean over each image's views of a per-row 0/1 ``outcome [rows]``."""
+    total = torch.zeros(n_images, dtype=torch.float64).index_add_(0, image_of_row, outcome.double())
+    return total / torch.bincount(image_of_row, minlength=n_images).double()
+
+
+def with_views(batches: list, augment: str) -> tuple[list, torch.Tensor]:
+    """The batches to run (each image batch followed by its extra views, one tensor per view) and
+    ``[rows]`` the image index of every row, for :func:`per_image`."""
+    out, image_of_row, start = [], [], 0
+    for x in batches:
+        views, _ = augment_views(x, augment, len(x))
+        for v in views.split(len(x)):
+            out.append(v)
+            image_of_row.append(torch.arange(start, start + len(x)))
+        start += len(x)
+    return out, torch.cat(image_of_row)
+
+
 def paired_ci(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
     """Mean of ``a - b`` over images, in points, with its 95 % paired bootstrap interval.
 
-    ``a``, ``b``: ``[N]`` per-image 0/1 outcomes (correct, or agrees with unpruned) of two methods
-    on the same images. BCa interval, 2000 resamples, fixed seed.
+    ``a``, ``b``: ``[N]`` per-image outcomes in [0, 1] (correct, or agrees with unpruned; the
+    fraction of an image's views with ``--augment``) of two methods on the same images. BCa
+    interval, 2000 resamples, fixed seed.
     """
     from scipy.stats import bootstrap
 
@@ -81,9 +110,13 @@ def main() -> None:
                     help="extra method, e.g. 'ztp-6=zero-tprune:target_gmacs={g},prune_blocks=2;4;6;8;9;10'")
     ap.add_argument("--offset", type=int, default=0, help="skip the first N images (sorted by file name)")
     ap.add_argument("--limit", type=int, help="use at most N images (after --offset)")
+    ap.add_argument("--augment", default="none",
+                    help="also run each image's extra views: none (default, the center crop only), flip, crops "
+                         "or flip+crops (10 views); metrics average over views, the bootstrap resamples images")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=50)
-    ap.add_argument("--out", default="docs/accuracy_vs_gmacs.png")
+    ap.add_argument("--out", help="PNG plot (default docs/accuracy_vs_gmacs.png, or "
+                                  "docs/accuracy_vs_gmacs_<augment>.png with --augment)")
     ap.add_argument("--json", help="write the rows as JSON")
     args = ap.parse_args()
     methods = {name: METHODS[name] for name in args.methods}
@@ -92,6 +125,13 @@ def main() -> None:
         if not sep or "{g}" not in spec:
             ap.error(f"--method {item!r}: expected NAME=SPEC with {{g}} in SPEC for the budget")
         methods[name] = spec
+    try:
+        parse_augment(args.augment)
+    except ValueError as exc:
+        ap.error(str(exc))
+    if args.out is None:
+        suffix = "" if args.augment in ("none", "") else "_" + args.augment.replace("+", "_")
+        args.out = f"docs/accuracy_vs_gmacs{suffix}.png"
     torch.set_num_threads(args.threads)
 
     model = load_model(args.model, args.weights)
@@ -103,14 +143,17 @@ def main() -> None:
     for x, y, _ in tqdm(make_loader(ds, args.batch_size), desc="load images", leave=False):
         batches.append(x)
         labels.append(y)
-    labels = torch.cat(labels)
+    n_images = sum(len(x) for x in batches)
+    batches, image_of_row = with_views(batches, args.augment)
+    views = len(image_of_row) // max(n_images, 1)
+    labels = torch.cat(labels)[image_of_row]
     ref_logp = predict(model, tqdm(batches, desc="unpruned", leave=False))
     ref = ref_logp.argmax(-1)
     base_top1 = 100.0 * float((ref == labels).float().mean())
     base = vitprune.compile(model, [], example_inputs=batches[0][:2], progress=False).report.gmacs_before
     rows = [{"method": "unpruned", "spec": "-", "gmacs": base, "top1": base_top1, "agreement": 100.0,
              "kl": 0.0}]
-    per_image = {}                                  # (method, budget) -> (correct [N], agrees [N])
+    per_image_outcomes = {}             # (method, budget) -> (correct [N images], agrees [N images]), view means
     for g in args.budgets:
         for name, template in methods.items():
             spec = template.format(g=g)
@@ -123,14 +166,16 @@ def main() -> None:
                 continue
             logp = predict(c, tqdm(batches, desc=spec, leave=False))
             pred = logp.argmax(-1)
-            per_image[(name, g)] = (pred == labels, pred == ref)
+            per_image_outcomes[(name, g)] = (per_image(pred == labels, image_of_row, n_images),
+                                             per_image(pred == ref, image_of_row, n_images))
             rows.append({"method": name, "spec": spec, "target": g, "gmacs": c.report.gmacs_after,
                          "top1": 100.0 * float((pred == labels).float().mean()),
                          "agreement": 100.0 * float((pred == ref).float().mean()),
                          "kl": kl_div(ref_logp, logp),
                          "seconds": round(time.time() - t0, 1)})
     first = ds.samples[0][0] if ds.samples else "-"
-    print(f"\n{args.model}, {len(labels)} images of {args.data} (from #{args.offset}, {os.path.basename(first)}); "
+    shown = f"{n_images} images" + (f" x {views} views ({args.augment})" if views > 1 else "")
+    print(f"\n{args.model}, {shown} of {args.data} (from #{args.offset}, {os.path.basename(first)}); "
           f"GMACs = MACs/1e9 per image; KL = mean KL(unpruned || pruned), nats\n")
     print("| method | budget | GMACs | top-1 % | Δ top-1 (pt) | agreement % | KL |")
     print("|---|---|---|---|---|---|---|")
@@ -142,21 +187,21 @@ def main() -> None:
               f"{r['top1'] - base_top1:+.1f} | {r['agreement']:.1f} | {r['kl']:.4f} |")
     anchor = "zero-tprune"
     pairs = [(g, n) for g in args.budgets for n in methods if n != anchor
-             and (anchor, g) in per_image and (n, g) in per_image]
+             and (anchor, g) in per_image_outcomes and (n, g) in per_image_outcomes]
     diffs = []
     if pairs:
         print(f"\n{anchor} minus each method, points, with 95 % paired bootstrap intervals over the images\n")
         print("| budget | method | Δ top-1 [95 % CI] | Δ agreement [95 % CI] |")
         print("|---|---|---|---|")
         for g, n in pairs:
-            cells = [paired_ci(a, b) for a, b in zip(per_image[(anchor, g)], per_image[(n, g)])]
+            cells = [paired_ci(a, b) for a, b in zip(per_image_outcomes[(anchor, g)], per_image_outcomes[(n, g)])]
             diffs.append({"budget": g, "method": n, "top1": cells[0], "agreement": cells[1]})
             print(f"| {g} | {n} | " + " | ".join(f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]" for m, lo, hi in cells) + " |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"images": len(labels), "offset": args.offset, "rows": rows,
+            json.dump({"images": n_images, "views": views, "augment": args.augment, "offset": args.offset, "rows": rows,
                        "differences": diffs}, f, indent=2)
-    plot(rows, base_top1, base, args.out, f"{args.model}, {len(labels)} images, no fine-tuning")
+    plot(rows, base_top1, base, args.out, f"{args.model}, {shown}, no fine-tuning")
 
 
 def plot(rows: list, base_top1: float, base_gmacs: float, out: str, title: str) -> None:
