@@ -173,9 +173,13 @@ def test_gathers():
     assert torch.equal(gather_tokens(x[..., 0], idx)[0], x[0, [0, 2, 6], 0])
     a = random_attention(2, 3, 7, 1)
     sub = gather_attention(a, idx)
-    manual = a[0][:, [0, 2, 6]][:, :, [0, 2, 6]]
-    assert torch.allclose(sub[0], manual / manual.sum(-1, keepdim=True))
+    for b in range(2):                                   # every sample: the flat row offsets b·N (b·H·N)
+        manual = a[b][:, idx[b]][:, :, idx[b]]
+        assert torch.allclose(sub[b], manual / manual.sum(-1, keepdim=True))
     assert torch.allclose(sub.sum(-1), torch.ones(2, 3, 3))
+    # non-contiguous tokens (a permuted view, as q/k/v slices are) against advanced indexing
+    xt = torch.randn(2, 5, 7, generator=g).transpose(1, 2)
+    assert torch.equal(gather_tokens(xt, idx), xt[torch.arange(2).unsqueeze(1), idx])
 
 
 # ------------------------------------------------------------------ S-stage

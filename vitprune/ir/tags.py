@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch.fx import GraphModule, Node
 
 TOKEN_SELECT = "vitprune_token_select"
@@ -46,11 +47,16 @@ def token_select_outputs(gm: GraphModule) -> list[tuple[Node, dict]]:
     out = []
     for node in gm.graph.nodes:
         tag = token_select_tag(node)
-        if tag is None or node.op != "call_function":
-            continue
+        if tag is None or node.op != "call_function" or not _is_tensor(node):
+            continue                 # e.g. a batch-size sym_size shared with untagged nodes
         if any(token_select_tag(u) != tag for u in node.users) and not _is_multi_output(node):
             out.append((node, tag))
     return out
+
+
+def _is_tensor(node: Node) -> bool:
+    val = node.meta.get("val")
+    return val is None or isinstance(val, torch.Tensor)
 
 
 def _is_multi_output(node: Node) -> bool:

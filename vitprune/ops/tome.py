@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from .token_select import gather_tokens
+
 __all__ = ["bipartite_soft_matching", "merge_tokens", "tome_merge",
            "max_merge", "unpack_matching"]
 
@@ -91,11 +93,6 @@ def unpack_matching(packed: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor
     return packed[:, :n_keep], packed[:, n_keep:n_keep + r], packed[:, n_keep + r:]
 
 
-def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    # x [B,N,C], idx [B,K] -> [B,K,C] (gather along tokens; lowers to GatherElements / TVM gather)
-    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
 def merge_tokens(x: torch.Tensor, size: torch.Tensor, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted average merge (ToMe ``merge_wavg``) without scatter ops.
 
@@ -115,8 +112,8 @@ def merge_tokens(x: torch.Tensor, size: torch.Tensor, packed: torch.Tensor) -> t
     size = size.to(x.dtype)
     xs = x * size
     assign = (kept.unsqueeze(-1) == dst.unsqueeze(1)).to(x.dtype)              # [B,N-r,r] one-hot
-    num = _take(xs, kept) + assign @ _take(xs, src)                            # [B,N-r,C]
-    new_size = _take(size, kept) + assign @ _take(size, src)                   # [B,N-r,1]
+    num = gather_tokens(xs, kept) + assign @ gather_tokens(xs, src)                            # [B,N-r,C]
+    new_size = gather_tokens(size, kept) + assign @ gather_tokens(size, src)                   # [B,N-r,1]
     return num / new_size, new_size
 
 

@@ -1,6 +1,6 @@
 """ExplicitAttention: rewrite fused ``scaled_dot_product_attention`` into explicit ops.
 
-``sdpa(q, k, v, mask, scale)`` becomes ``softmax(q @ k^T · scale [+ mask]) @ v`` so that the
+``sdpa(q, k, v, mask, scale)`` becomes ``softmax((q · scale) @ k^T [+ mask]) @ v`` so that the
 attention probabilities ``[B, H, N, N]`` exist as a graph value that token-pruning passes
 can read (Zero-TPrune I-stage, ALGORITHMS.md §1g pitfall 1).
 """
@@ -36,10 +36,11 @@ def explicit_attention_nodes(gm: GraphModule, site: AttentionSite) -> Node:
     g = gm.graph
     meta = {"nn_module_stack": sdpa.meta.get("nn_module_stack", {}), "stack_trace": sdpa.meta.get("stack_trace")}
     with g.inserting_before(sdpa):
+        # scale q, not the [B, H, N, N] logits (as timm's explicit attention does): N/d times fewer multiplies
+        qs = g.call_function(aten.mul.Tensor, (q, float(scale)))
         kt = g.call_function(aten.transpose.int, (k, -2, -1))
-        logits = g.call_function(aten.matmul.default, (q, kt))
-        logits = g.call_function(aten.mul.Tensor, (logits, float(scale)))
-        new = [kt, logits]
+        logits = g.call_function(aten.matmul.default, (qs, kt))
+        new = [qs, kt, logits]
         if isinstance(mask, Node):
             if mask.meta["val"].dtype == torch.bool:
                 logits = g.call_function(aten.masked_fill.Scalar, (logits, g.call_function(aten.logical_not.default, (mask,)), float("-inf")))
