@@ -112,8 +112,8 @@ def merge_tokens(x: torch.Tensor, size: torch.Tensor, packed: torch.Tensor) -> t
     size = size.to(x.dtype)
     xs = x * size
     assign = (kept.unsqueeze(-1) == dst.unsqueeze(1)).to(x.dtype)              # [B,N-r,r] one-hot
-    num = gather_tokens(xs, kept) + assign @ gather_tokens(xs, src)                            # [B,N-r,C]
-    new_size = gather_tokens(size, kept) + assign @ gather_tokens(size, src)                   # [B,N-r,1]
+    num = gather_tokens(xs, kept) + assign @ gather_tokens(xs, src)              # [B,N-r,C]
+    new_size = gather_tokens(size, kept) + assign @ gather_tokens(size, src)     # [B,N-r,1]
     return num / new_size, new_size
 
 
