@@ -126,12 +126,11 @@ def main() -> None:
             ap.error(f"--method {item!r}: expected NAME=SPEC with {{g}} in SPEC for the budget")
         methods[name] = spec
     try:
-        parse_augment(args.augment)
+        augments = parse_augment(args.augment)
     except ValueError as exc:
         ap.error(str(exc))
     if args.out is None:
-        suffix = "" if args.augment in ("none", "") else "_" + args.augment.replace("+", "_")
-        args.out = f"docs/accuracy_vs_gmacs{suffix}.png"
+        args.out = "docs/accuracy_vs_gmacs" + "".join("_" + a for a in augments) + ".png"
     torch.set_num_threads(args.threads)
 
     model = load_model(args.model, args.weights)

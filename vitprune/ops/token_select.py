@@ -126,9 +126,9 @@ def gather_attention(attn: torch.Tensor, idx: torch.Tensor, renormalize: bool = 
     """
     b, h, n, _ = attn.shape
     k = idx.shape[1]
-    # whole rows by index_select on [B·H·N, N] (as gather_tokens), then the columns by gather
-    row_ids = torch.arange(b * h, device=idx.device).view(b, h, 1) * n + idx.unsqueeze(1)        # [B,H,K]
-    rows = attn.reshape(b * h * n, n).index_select(0, row_ids.reshape(-1)).view(b, h, k, n)   # [B,H,K,N]
+    # whole rows (gather_tokens with every head as a sample), then the columns by gather
+    rows = gather_tokens(attn.reshape(b * h, n, n), idx.unsqueeze(1).expand(b, h, k).reshape(b * h, k))
+    rows = rows.view(b, h, k, n)                                                # [B,H,K,N]
     sub = torch.gather(rows, 3, idx[:, None, None, :].expand(b, h, k, k))       # [B,H,K,K]
     if renormalize:
         sub = sub / sub.sum(-1, keepdim=True).clamp_min(1e-30)
