@@ -27,7 +27,7 @@ def load_folder(folder: str, model, cache: str | None = None):
     transform (:func:`vitprune.models.eval_transform`: DeiT crop 0.875), as ``vitprune eval``."""
     if cache and os.path.exists(cache):
         return torch.load(cache)
-    from vitprune.eval.data import ImageFolder, make_loader, warn_skipped
+    from vitprune.data import ImageFolder, make_loader, warn_skipped
     from vitprune.models import eval_transform
 
     xs, ys, bad = [], [], 0

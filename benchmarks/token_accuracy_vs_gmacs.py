@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 import vitprune
 from vitprune.calibration import augment_views, parse_augment
-from vitprune.eval.data import ImageFolder, make_loader
+from vitprune.data import ImageFolder, make_loader
 from vitprune.models import eval_transform, load_model
 
 METHODS = {

@@ -28,7 +28,7 @@ def real_images(deit_tiny_real):
     """16 real ImageNet images [16, 3, 224, 224] with DeiT's eval transform."""
     if not os.path.isdir(IMAGENET_SAMPLE):
         pytest.skip(f"image folder not found at {IMAGENET_SAMPLE}")
-    from vitprune.eval.data import load_images
+    from vitprune.data import load_images
     from vitprune.models import eval_transform
 
     return load_images(IMAGENET_SAMPLE, eval_transform(deit_tiny_real), limit=16)

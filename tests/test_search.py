@@ -49,7 +49,7 @@ def test_search_returns_best_config_that_rebuilds_and_meets_budget(image_dir):
     c = vitprune.compile(m, [p], example_inputs=torch.randn(2, 3, 64, 64))
     assert abs(c.report.gmacs_after - best["gmacs"]) < 1e-6
     # the reported agreement is reproducible from the returned config
-    from vitprune.eval.data import load_images
+    from vitprune.data import load_images
     from vitprune.models import eval_transform
     x = load_images(image_dir, eval_transform(m), 4)
     with torch.no_grad():

@@ -15,7 +15,7 @@ from torch.fx import GraphModule
 from . import __version__
 from .backends import get_backend
 from .errors import InvalidPassConfigError, ParityError
-from .eval.flops import gmacs
+from .ir.flops import gmacs
 from .ir.capture import capture, check_example_inputs
 from .passes.base import Pass, PassContext, parse_pass_spec
 

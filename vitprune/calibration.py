@@ -10,7 +10,7 @@
   fall in the same batch.
 
 Memory stays bounded: callers accumulate statistics batch by batch (Gram matrices, score
-sums; :mod:`vitprune.ops.lstsq`) and never hold the activations of all images.
+sums; :mod:`vitprune.passes.snp.lstsq`) and never hold the activations of all images.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ def cmd_eval(args) -> int:
     """Top-1, agreement with the unpruned model, GMACs and throughput on a folder of real images."""
     from . import compile as vp_compile
     from .eval import ImageFolder, evaluate, make_loader, throughput
-    from .eval.data import load_images
+    from .data import load_images
     from .models import eval_transform, load_model
 
     torch.set_num_threads(args.threads)
@@ -225,7 +225,7 @@ def _compile_from_args(args, check_parity=True):
     model = load_model(args.model, args.weights)
     calibration = None
     if getattr(args, "calib", None):
-        from .eval.data import load_images
+        from .data import load_images
 
         calibration = load_images(args.calib, eval_transform(model), args.calib_images)
     cfg = getattr(model, "pretrained_cfg", None) or {}

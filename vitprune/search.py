@@ -25,11 +25,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import InvalidPassConfigError
-from .eval.flops import gmacs
+from .ir.flops import gmacs
 from .ir.capture import capture
 from .ir.match import find_attention_sites
 from .passes.base import PassContext
-from .passes.zero_tprune import ModelInfo, ZeroTPrune
+from .passes.tokens.zero_tprune import ModelInfo, ZeroTPrune
 
 
 def _counts_for(p_fixed: dict, weights: np.ndarray, blocks: list[int], info: ModelInfo, gm, sites,
@@ -95,7 +95,7 @@ def search_schedule(model: torch.nn.Module, data_dir: str, target_gmacs: float, 
     Raises:
         InvalidPassConfigError: ``trials`` < 1, ``images`` < 1, or a budget no schedule reaches.
     """
-    from .eval.data import load_images
+    from .data import load_images
     from .models import eval_transform
 
     if trials < 1 or images < 1:
@@ -148,7 +148,7 @@ def search_schedule(model: torch.nn.Module, data_dir: str, target_gmacs: float, 
 
 def _labels(data_dir: str, n: int) -> Optional[torch.Tensor]:
     """Labels of the first ``n`` images of the folder (same order as ``load_images``)."""
-    from .eval.data import ImageFolder
+    from .data import ImageFolder
 
     ds = ImageFolder(data_dir, transform=lambda im: im, limit=n)
     return torch.tensor([y for _, y in ds.samples[:n]])

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from vitprune.backends.targets import find_cross_compiler, resolve_target, target_family, target_json, target_spec
-from vitprune.backends.tvm import TvmBackend
+from vitprune.backends.tvm.targets import find_cross_compiler, resolve_target, target_family, target_json, target_spec
+from vitprune.backends.tvm.backend import TvmBackend
 from vitprune.errors import BackendError
 
 

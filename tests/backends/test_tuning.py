@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from vitprune.backends import tuning
-from vitprune.backends.tvm import TvmBackend
+from vitprune.backends.tvm import tuning
+from vitprune.backends.tvm.backend import TvmBackend
 from vitprune.errors import BackendError
 from vitprune.ir.capture import export_program
 
@@ -88,7 +88,7 @@ def test_tune_then_cache_hit(cache_dir, tmp_path):
 
 
 def test_library_fingerprint_covers_code_weights_constants_and_shape():
-    from vitprune.backends.tvm_libcache import graph_fingerprint
+    from vitprune.backends.tvm.libcache import graph_fingerprint
 
     x = torch.randn(1, 3, 16, 16)
     fp = graph_fingerprint(export_program(_mlp(0), (x,)).module(), (x,))
@@ -111,8 +111,8 @@ def test_library_fingerprint_covers_code_weights_constants_and_shape():
 
 
 def test_library_key_follows_the_records_content_not_their_mtime(tmp_path):
-    from vitprune.backends.targets import resolve_target
-    from vitprune.backends.tvm_libcache import library_key
+    from vitprune.backends.tvm.targets import resolve_target
+    from vitprune.backends.tvm.libcache import library_key
 
     target = resolve_target("cpu")
     assert library_key("fp", target, str(tmp_path), False) is None          # no records: nothing cached
@@ -128,7 +128,7 @@ def test_library_key_follows_the_records_content_not_their_mtime(tmp_path):
 
 
 def test_tuning_rejects_bad_budget_and_foreign_target(cache_dir):
-    from vitprune.backends.targets import resolve_target
+    from vitprune.backends.tvm.targets import resolve_target
 
     with pytest.raises(BackendError, match="positive integer"):
         tuning.tune(None, resolve_target("cpu"), trials_per_task=0)
@@ -142,7 +142,7 @@ def test_incomplete_database_is_refused(tmp_path):
 
 
 def test_plan_spends_trials_where_the_untuned_time_is():
-    from vitprune.backends.tuning_plan import TaskCost, plan_trials
+    from vitprune.backends.tvm.tuning_plan import TaskCost, plan_trials
 
     costs = [TaskCost("big", "a", 4, 1e8, 25.0), TaskCost("mid", "b", 1, 1e6, 1.0),
              TaskCost("tiny", "c", 12, 0.0, 0.001), TaskCost("unmeasured", "d", 1, 0.0, float("nan"))]

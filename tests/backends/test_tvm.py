@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import vitprune
-from vitprune.backends.tvm import TvmBackend
+from vitprune.backends.tvm.backend import TvmBackend
 from vitprune.errors import BackendError
 from vitprune.ir.capture import export_program
 
-from .conftest import needs_cross
+from tests.backends.conftest import needs_cross
 
 X1 = torch.randn(1, 3, 32, 32)
 

@@ -9,7 +9,7 @@ import torch
 from tests.conftest import IMAGENET_SAMPLE
 from vitprune.errors import DataError
 from vitprune.eval import ImageFolder, evaluate, make_loader
-from vitprune.eval.data import read_synsets
+from vitprune.data import read_synsets
 from vitprune.models import eval_transform, load_model
 
 

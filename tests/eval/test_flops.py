@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 
-from vitprune.eval.flops import gmacs, vit_gmacs_formula
+from vitprune.ir.flops import gmacs, vit_gmacs_formula
 from vitprune.ir import capture
 
 

@@ -9,8 +9,8 @@ import torch
 
 from vitprune.ir.capture import capture
 from vitprune.ir.match import find_attention_sites
-from vitprune.ops.fisher import fisher_from_gradients, mask_gradients, pseudo_label_loss
-from vitprune.passes.snp_sensitivity import block_fisher_scores
+from vitprune.passes.snp.fisher import fisher_from_gradients, mask_gradients, pseudo_label_loss
+from vitprune.passes.snp.sensitivity import block_fisher_scores
 
 torch.set_num_threads(1)
 

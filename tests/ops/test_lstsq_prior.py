@@ -3,7 +3,7 @@ statistics: checked against direct dense solutions."""
 
 import torch
 
-from vitprune.ops.lstsq import LinearStats, cv_ridge, reconstruction_error, refit
+from vitprune.passes.snp.lstsq import LinearStats, cv_ridge, reconstruction_error, refit
 
 
 def _data(seed=0, n=400, m=6, d=3, noise=0.1):
@@ -68,7 +68,7 @@ def test_cv_ridge_small_for_clean_data_large_for_noise():
 
 
 def test_refit_scales_matches_dense_lstsq():
-    from vitprune.ops.lstsq import refit_scales
+    from vitprune.passes.snp.lstsq import refit_scales
 
     x, w, t = _data(4, n=300)
     st = LinearStats.zeros(6, 3)

@@ -4,8 +4,8 @@ import itertools
 
 import torch
 
-from vitprune.ops.lstsq import LinearStats, reconstruction_error, refit
-from vitprune.ops.snp_scores import qk_pair_scores, redundancy_scores, select_gamma, top_indices
+from vitprune.passes.snp.lstsq import LinearStats, reconstruction_error, refit
+from vitprune.passes.snp.scores import qk_pair_scores, redundancy_scores, select_gamma, top_indices
 
 
 def _cos_f(a, b):
@@ -82,7 +82,7 @@ def test_refit_matches_lstsq_and_error_formula():
 
 
 def test_greedy_lsq_single_removal_is_bruteforce_optimal():
-    from vitprune.ops.lstsq import greedy_lsq_select
+    from vitprune.passes.snp.lstsq import greedy_lsq_select
 
     torch.manual_seed(3)
     x = torch.randn(300, 6, dtype=torch.float64) @ torch.randn(6, 6, dtype=torch.float64)

@@ -8,15 +8,15 @@ import torch
 import vitprune
 from vitprune.calibration import grab, load_calibration_images
 from vitprune.errors import DataError, InvalidPassConfigError
-from vitprune.eval.flops import gmacs
+from vitprune.ir.flops import gmacs
 from vitprune.ir.capture import capture
 from vitprune.ir.match import find_attention_sites
 from vitprune.passes.base import Pass, parse_pass_spec
-from vitprune.passes.snp import SNP, block_macs, round_widths
-from vitprune.passes.snp_presets import PRESETS
-from vitprune.passes.snp_surgery import finalize, prune_attention, value_head_dim
+from vitprune.passes.snp.snp import SNP, block_macs, round_widths
+from vitprune.passes.snp.presets import PRESETS
+from vitprune.passes.snp.surgery import finalize, prune_attention, value_head_dim
 
-from ..lowering import onnxruntime_run
+from tests.lowering import onnxruntime_run
 
 torch.set_num_threads(1)
 X = torch.randn(2, 3, 224, 224)

@@ -8,10 +8,10 @@ import torch
 
 import vitprune
 from vitprune.errors import InvalidPassConfigError
-from vitprune.passes.snp import block_macs
-from vitprune.passes.snp_allocation import allocate
-from vitprune.passes.snp_engine import BlockPlan
-from vitprune.passes.snp_sensitivity import BlockScores
+from vitprune.passes.snp.snp import block_macs
+from vitprune.passes.snp.allocation import allocate
+from vitprune.passes.snp.engine import BlockPlan
+from vitprune.passes.snp.sensitivity import BlockScores
 
 torch.set_num_threads(1)
 X = torch.randn(2, 3, 224, 224)
@@ -77,7 +77,7 @@ def test_allocation_round_to_and_impossible_budget():
 
 @pytest.mark.parametrize("criterion", ["activation", "fisher"])
 def test_fisher_allocation_meets_gmacs_target_with_flop_counter(criterion):
-    from vitprune.eval.flops import gmacs
+    from vitprune.ir.flops import gmacs
 
     m = tiny(depth=3)
     base = vitprune.compile(m, [], example_inputs=X)
@@ -109,7 +109,7 @@ def test_bad_allocation_rejected():
 
 
 def test_preset_ignores_allocation():
-    from vitprune.passes.snp import SNP
+    from vitprune.passes.snp.snp import SNP
 
     assert not SNP(preset="deit-t", allocation="fisher").uses_fisher_allocation()
     assert not SNP(qk=[0.1], allocation="fisher").uses_fisher_allocation()
@@ -117,7 +117,7 @@ def test_preset_ignores_allocation():
 
 
 def test_recovery_weighted_scales_by_refit_error_ratio():
-    from vitprune.passes.snp_allocation import recovery_weighted
+    from vitprune.passes.snp.allocation import recovery_weighted
 
     s = [BlockScores(qk=torch.ones(2, 4), v=torch.ones(2, 4), head=torch.ones(2), fc1=torch.ones(8))] * 2
     recs = [dict(attn_err_sliced=0.4, attn_err=0.1, mlp_err_sliced=0.5, mlp_err=0.5), dict()]
@@ -128,7 +128,7 @@ def test_recovery_weighted_scales_by_refit_error_ratio():
 
 
 def test_blend_endpoints_and_budget():
-    from vitprune.passes.snp_allocation import blend_plans
+    from vitprune.passes.snp.allocation import blend_plans
 
     full = [BlockPlan(2, 8, 8, 32), BlockPlan(2, 8, 8, 32)]
     alloc = [BlockPlan(2, 8, 8, 32), BlockPlan(2, 2, 4, 8)]
@@ -149,7 +149,7 @@ def test_blend_endpoints_and_budget():
 @pytest.mark.parametrize("spec", ["allocation=recovery", "allocation=fisher,blend=0.5",
                                   "allocation=recovery,blend=0.5"])
 def test_recovery_and_blend_allocation_meet_gmacs_target_with_flop_counter(spec):
-    from vitprune.eval.flops import gmacs
+    from vitprune.ir.flops import gmacs
 
     m = tiny(depth=3)
     g0 = vitprune.compile(m, [], example_inputs=X).report.gmacs_before

@@ -10,13 +10,13 @@ from timm.models.vision_transformer import VisionTransformer
 
 import vitprune
 from vitprune.errors import InvalidPassConfigError
-from vitprune.eval.flops import gmacs
+from vitprune.ir.flops import gmacs
 from vitprune.ir.tags import token_select_outputs
 from vitprune.ops.tome import bipartite_soft_matching, max_merge, merge_tokens, unpack_matching
 from vitprune.passes.base import parse_pass_spec
-from vitprune.passes.tome import ToMe, parse_r
+from vitprune.passes.tokens.tome import ToMe, parse_r
 
-from ..lowering import onnxruntime_run, tvm_run
+from tests.lowering import onnxruntime_run, tvm_run
 
 torch.set_num_threads(1)
 

@@ -13,12 +13,12 @@ from timm.models.vision_transformer import VisionTransformer
 
 import vitprune
 from vitprune.errors import InvalidPassConfigError
-from vitprune.eval.flops import gmacs
+from vitprune.ir.flops import gmacs
 from vitprune.ir.capture import capture
 from vitprune.passes.base import Pass, PassContext, parse_pass_spec
-from vitprune.passes.zero_tprune import PRESETS, ZeroTPrune, kept_token_indices
+from vitprune.passes.tokens.zero_tprune import PRESETS, ZeroTPrune, kept_token_indices
 
-from ..lowering import onnxruntime_run, tvm_run
+from tests.lowering import onnxruntime_run, tvm_run
 
 torch.set_num_threads(1)
 
@@ -127,7 +127,7 @@ def test_target_gmacs_hit_within_one_percent():
 
 @pytest.mark.parametrize("depth", [2, 3, 4, 6, 12, 24])
 def test_default_prune_blocks_every_other_block_from_a_quarter_depth(depth):
-    from vitprune.passes.zero_tprune import default_prune_blocks
+    from vitprune.passes.tokens.zero_tprune import default_prune_blocks
 
     blocks = default_prune_blocks(depth)
     last = max(depth - 3, depth // 4)                                         # the third-to-last block

@@ -1,7 +1,7 @@
 """Evaluation: real-image loading, accuracy, GMACs, throughput and latency."""
 
-from .data import ImageFolder, load_images, make_loader
-from .flops import gmacs, vit_gmacs_formula
+from ..data import ImageFolder, load_images, make_loader
+from ..ir.flops import gmacs, vit_gmacs_formula
 from .metrics import evaluate
 from .speed import latency, throughput
 

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from .data import warn_skipped
+from ..data import warn_skipped
 
 
 @torch.no_grad()
@@ -17,7 +17,7 @@ def evaluate(fn: Callable[[torch.Tensor], torch.Tensor], loader, reference: Opti
 
     Args:
         fn: images -> logits ``[B, classes]``.
-        loader: from :func:`vitprune.eval.data.make_loader`.
+        loader: from :func:`vitprune.data.make_loader`.
         reference: optional images -> logits of the unpruned model; its top-1 predictions are
             compared with ``fn``'s.
 

@@ -1,7 +1,7 @@
 """One Zero-TPrune pruning layer as a single tensor function: I′ -> S -> I stages.
 
 Source: ALGORITHMS.md §1b Step 5 (our rendering of the paper's algorithm). The pass
-(:mod:`vitprune.passes.zero_tprune`) inserts a call to :func:`select_tokens` after a block's
+(:mod:`vitprune.passes.tokens.zero_tprune`) inserts a call to :func:`select_tokens` after a block's
 output and gathers the kept tokens with :func:`vitprune.ops.token_select.gather_tokens`; the
 graph is then re-exported, which unrolls everything below into standard ATen ops.
 

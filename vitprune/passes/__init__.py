@@ -2,10 +2,8 @@
 
 from .base import PASS_REGISTRY, Pass, PassContext, parse_pass_spec, register_pass
 from .explicit_attention import ExplicitAttention
-from .head_prune import HeadPrune
-from .snp import SNP
-from .tome import ToMe
-from .zero_tprune import ZeroTPrune, kept_token_indices
+from .snp import SNP, HeadPrune
+from .tokens import ToMe, ZeroTPrune, kept_token_indices
 
 __all__ = [
     "PASS_REGISTRY", "Pass", "PassContext", "parse_pass_spec", "register_pass",

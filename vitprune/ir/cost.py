@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..ir.sites import AttentionSite
+from .sites import AttentionSite
 
 
 @dataclass

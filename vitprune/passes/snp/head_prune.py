@@ -13,12 +13,12 @@ from typing import Union
 
 from torch.fx import GraphModule
 
-from ..errors import InvalidPassConfigError
-from ..ir.match import find_attention_sites
-from .base import PassContext, register_pass
+from ...errors import InvalidPassConfigError
+from ...ir.match import find_attention_sites
+from ..base import PassContext, register_pass
 from .snp import SNP
-from .snp_engine import BlockPlan, prune_blocks
-from .snp_surgery import finalize, value_head_dim
+from .engine import BlockPlan, prune_blocks
+from .surgery import finalize, value_head_dim
 
 
 @register_pass("head-prune")

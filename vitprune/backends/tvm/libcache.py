@@ -83,7 +83,7 @@ def library_key(fingerprint: str, target, work_dir: str, fast_math: bool,
     Args:
         fingerprint: :func:`graph_fingerprint` of the graph.
         target: the ``tvm.target.Target``.
-        work_dir: the target's tuning database (:func:`vitprune.backends.tuning.database_dir`).
+        work_dir: the target's tuning database (:func:`vitprune.backends.tvm.tuning.database_dir`).
         fast_math: whether fast-math rewrites were applied before the build.
         tune_ops: the tuned-op filter the database lookup used.
     """

@@ -9,7 +9,7 @@ count). ``embed=`` removes residual-stream channels (timm models).
 ``allocation=fisher`` (with ``ratio=`` or ``target_gmacs=``) spends the same MAC budget
 non-uniformly: the per-block widths are chosen globally by Fisher sensitivity per MAC saved
 (Kwon et al. 2022, "A Fast Post-Training Pruning Framework for Transformers", §4.1;
-:mod:`vitprune.passes.snp_allocation`), then the usual block-by-block selection and
+:mod:`vitprune.passes.snp.allocation`), then the usual block-by-block selection and
 least-squares recovery run with those widths.
 """
 
@@ -21,15 +21,15 @@ from typing import Optional
 import torch
 from torch.fx import GraphModule
 
-from ..calibration import augment_views, load_calibration_images, parse_augment
-from ..errors import InvalidPassConfigError
-from ..ir.match import find_attention_sites
-from ..ir.sites import AttentionSite
-from .base import Pass, PassContext, register_pass
-from .snp_engine import BlockPlan, EngineOptions, prune_blocks
-from .snp_presets import PRESETS, preset_name
-from .snp_surgery import finalize, value_head_dim
-from .vit_macs import BlockDims
+from ...calibration import augment_views, load_calibration_images, parse_augment
+from ...errors import InvalidPassConfigError
+from ...ir.match import find_attention_sites
+from ...ir.sites import AttentionSite
+from ..base import Pass, PassContext, register_pass
+from .engine import BlockPlan, EngineOptions, prune_blocks
+from .presets import PRESETS, preset_name
+from .surgery import finalize, value_head_dim
+from ...ir.cost import BlockDims
 
 CRITERIA = ("snp", "activation", "lsq", "fisher")
 ALLOCATIONS = ("uniform", "fisher", "recovery")
@@ -87,9 +87,9 @@ class SNP(Pass):
         criterion: which neurons go within a block: ``snp`` (§2b: q-k pair score, 1-|cos|
             redundancy of v/fc1 weight rows) or ``activation`` (q-k pair score,
             ``||a_j||·||W_next[:, j]||`` for v/fc1) or ``lsq`` (q-k pair score; v/fc1 chosen by
-            greedy least-squares removal, see :func:`vitprune.ops.lstsq.greedy_lsq_select`) or
+            greedy least-squares removal, see :func:`vitprune.passes.snp.lstsq.greedy_lsq_select`) or
             ``fisher`` (heads, q-k pairs, v and fc1 neurons by the Fisher information of their
-            masks, :mod:`vitprune.passes.snp_sensitivity`). Default ``activation``: with recovery
+            masks, :mod:`vitprune.passes.snp.sensitivity`). Default ``activation``: with recovery
             it kept more top-1 agreement on the 64 calibration images at -10 % GMACs (93.8 vs
             89.1 %) and tied at -20 % (benchmarks/snp_accuracy.py); SNP's weight-only scores
             stay available as ``snp``.
@@ -105,10 +105,10 @@ class SNP(Pass):
             ``recovery``: the Fisher allocation with each block's costs scaled by the fraction of
             its reconstruction error the least-squares refit leaves (cross-validated over the
             calibration images, measured by a dry run at the uniform widths;
-            :func:`vitprune.passes.snp_allocation.recovery_weighted`).
+            :func:`vitprune.passes.snp.allocation.recovery_weighted`).
         blend: for ``fisher``/``recovery`` allocations, shrink the per-block kept fractions towards
             the uniform ones, ``k = k_alloc^blend * k_uniform^(1 - blend)``, rescaled to the same
-            MAC budget (:func:`vitprune.passes.snp_allocation.blend_plans`); 1 = no shrinkage.
+            MAC budget (:func:`vitprune.passes.snp.allocation.blend_plans`); 1 = no shrinkage.
         mix: relative weights of the (q-k, v, fc1) ratios when ``ratio``/``target_gmacs`` sets them
             (ratio of part p = ratio · mix[p], capped at 0.95); ``0;1;1`` prunes only what the
             least-squares recovery can compensate (v, fc1).
@@ -130,7 +130,7 @@ class SNP(Pass):
             block's budget the same way.
         ridge: relative ridge strength of the refit; None: chosen per layer from
             ``1e-3 .. 1e3`` by two-fold cross-validation over the calibration images
-            (:func:`vitprune.ops.lstsq.cv_ridge`).
+            (:func:`vitprune.passes.snp.lstsq.cv_ridge`).
         recovery: ``full`` refits every weight of proj/fc2 (and the bias); ``scale`` fits one
             scale per kept input and the bias (least-squares mask tuning, Kwon et al. 2022 §4.3).
         augment: extra deterministic views of every calibration image for the statistics, scores
@@ -153,7 +153,7 @@ class SNP(Pass):
             block's attention/MLP branch: the error as the next LayerNorm sees it); ``fisher``
             (``||dL/dh_t||^2`` at that residual stream of the original model, L = cross-entropy to
             its own predictions, mean 1 per image; BRECQ-style; one extra forward and backward
-            pass over the calibration views, :mod:`vitprune.passes.snp_sensitivity`; in the last
+            pass over the calibration views, :mod:`vitprune.passes.snp.sensitivity`; in the last
             block only the class token gets weight with a class-token head). Both act only with
             ``sequential`` and a residual add right after proj/fc2; ``fisher`` also needs a
             batch-first ``[B, N, D]`` residual stream, and an image whose gradients vanish gets
@@ -246,7 +246,7 @@ class SNP(Pass):
         return 8 if self.preset is not None else 1
 
     def uses_fisher_allocation(self) -> bool:
-        """True when the widths come from :func:`vitprune.passes.snp_allocation.allocate`."""
+        """True when the widths come from :func:`vitprune.passes.snp.allocation.allocate`."""
         return (self.allocation in ("fisher", "recovery") and self.preset is None and self.qk is None and self.v is None
                 and self.fc1 is None and (self.ratio is not None or self.target_gmacs is not None))
 
@@ -272,7 +272,7 @@ class SNP(Pass):
         return sum(_plan_macs(s, p) for s, p in zip(sites, self._ratio_plans(sites, self.ratio)))
 
     def _fisher_plans(self, sites, rest_gmacs, scores) -> list[BlockPlan]:
-        from .snp_allocation import allocate, blend_plans
+        from .allocation import allocate, blend_plans
 
         if scores is None:
             raise InvalidPassConfigError(f"snp: allocation={self.allocation} needs Fisher scores (calibration images)")
@@ -378,7 +378,7 @@ class SNP(Pass):
         needs them, else None."""
         if not (self.uses_fisher_allocation() or self.criterion == "fisher" or self.token_weight == "fisher"):
             return None
-        from .snp_sensitivity import block_fisher_scores
+        from .sensitivity import block_fisher_scores
 
         return block_fisher_scores(gm, sites, calib, self.batch_size, ctx.progress)
 
@@ -386,7 +386,7 @@ class SNP(Pass):
         sites = find_attention_sites(gm)
         rest = 0.0
         if self.target_gmacs is not None:
-            from ..eval.flops import gmacs
+            from ...ir.flops import gmacs
 
             total = gmacs(gm, tuple(ctx.example_inputs[0].shape[1:]))
             rest = total - sum(_plan_macs(s, BlockPlan(s.num_heads, s.head_dim, value_head_dim(s),
@@ -395,7 +395,7 @@ class SNP(Pass):
         scores = self.fisher_scores(gm, sites, calib, ctx)
         opts = self.engine_options(ctx, views)
         if self.allocation == "recovery" and scores is not None and self.uses_fisher_allocation():
-            from .snp_allocation import recovery_weighted
+            from .allocation import recovery_weighted
 
             # dry run at the uniform widths: how much of each block's error the refit removes
             _, probe = prune_blocks(gm, calib, self.uniform_plans(sites, rest), opts)
@@ -406,7 +406,7 @@ class SNP(Pass):
         out = finalize(work, ctx.example_inputs)
         embed_info = None
         if embed_keep is not None and embed_keep != sites[0].embed_dim:
-            from .snp_embed import prune_embedding
+            from .embed import prune_embedding
 
             embed_info = prune_embedding(out, embed_keep)
             out = finalize(out, ctx.example_inputs)

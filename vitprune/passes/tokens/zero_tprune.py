@@ -95,23 +95,23 @@ from typing import Optional
 import torch
 from torch.fx import GraphModule, Node
 
-from ..errors import InvalidPassConfigError
-from ..eval.flops import gmacs as measure_gmacs
-from ..ir.capture import recapture
-from ..ir.match import find_attention_sites
-from ..ir.rewrite import copy_source_meta, node_values, relax_token_dim
-from ..ir.sites import AttentionSite
-from ..ir.tags import tag_token_select, token_select_outputs
-from ..ops.head_filter import VAR_NORMS
-from ..ops.similarity import partition_sizes, s_stage_macs
-from ..ops.token_select import gather_tokens
-from ..ops.wpr import wpr_macs
-from ..ops.zero_tprune_layer import (IMPORTANCES, mark, merge_into, pack_merge, packed_kept, random_keep, select_tokens,
+from ...errors import InvalidPassConfigError
+from ...ir.flops import gmacs as measure_gmacs
+from ...ir.capture import recapture
+from ...ir.match import find_attention_sites
+from ...ir.rewrite import copy_source_meta, node_values, relax_token_dim
+from ...ir.sites import AttentionSite
+from ...ir.tags import tag_token_select, token_select_outputs
+from ...ops.head_filter import VAR_NORMS
+from ...ops.similarity import partition_sizes, s_stage_macs
+from ...ops.token_select import gather_tokens
+from ...ops.wpr import wpr_macs
+from ...ops.zero_tprune_layer import (IMPORTANCES, mark, merge_into, pack_merge, packed_kept, random_keep, select_tokens,
                                      unit_sizes, unpack_merge)
-from .base import Pass, PassContext, register_pass
-from .explicit_attention import explicit_attention_nodes
-from .proportional_attention import add_size_bias
-from .vit_macs import BlockDims
+from ..base import Pass, PassContext, register_pass
+from ..explicit_attention import explicit_attention_nodes
+from ...ir.attention import add_size_bias
+from ...ir.cost import BlockDims
 
 MODES = ("prune", "merge")
 FEATURES = ("concat", "mean")

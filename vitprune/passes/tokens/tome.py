@@ -23,17 +23,17 @@ from typing import Optional, Union
 import torch
 from torch.fx import GraphModule, Node
 
-from ..errors import InvalidPassConfigError
-from ..eval.flops import gmacs
-from ..ir.capture import recapture
-from ..ir.match import find_attention_sites
-from ..ir.rewrite import copy_source_meta, relax_token_dim
-from ..ir.sites import AttentionSite
-from ..ir.tags import tag_token_select
-from ..ops import tome as tome_ops
-from .base import Pass, PassContext, register_pass
-from .proportional_attention import add_size_bias
-from .vit_macs import BlockDims
+from ...errors import InvalidPassConfigError
+from ...ir.flops import gmacs
+from ...ir.capture import recapture
+from ...ir.match import find_attention_sites
+from ...ir.rewrite import copy_source_meta, relax_token_dim
+from ...ir.sites import AttentionSite
+from ...ir.tags import tag_token_select
+from ...ops import tome as tome_ops
+from ..base import Pass, PassContext, register_pass
+from ...ir.attention import add_size_bias
+from ...ir.cost import BlockDims
 
 aten = torch.ops.aten
 
@@ -68,7 +68,7 @@ def rate_schedule(rate: float, depth: int) -> list[int]:
 @dataclass
 class ModelDims:
     """What the MAC model of a plain ViT needs, read from attention sites: token counts and
-    each block's widths (:class:`~vitprune.passes.vit_macs.BlockDims`; they differ after SNP).
+    each block's widths (:class:`~vitprune.ir.cost.BlockDims`; they differ after SNP).
 
     ``other_macs``: MACs outside the blocks (patch embedding, head), per image.
     """

@@ -26,13 +26,13 @@ from typing import Callable, Optional
 import torch
 from torch.fx import GraphModule, Node
 
-from ..calibration import grab
-from ..ir.match import VIEW_OPS, find_attention_sites
-from ..ir.sites import AttentionSite
-from ..ir.width_repair import repair_widths
-from ..ops.lstsq import LinearStats, cv_error, cv_ridge, greedy_lsq_select, reconstruction_error, refit, refit_scales
-from ..ops.snp_scores import activation_scores, qk_pair_scores, redundancy_scores, top_indices
-from .snp_surgery import prune_attention, prune_mlp, qkv_head_weights, value_head_dim
+from ...calibration import grab
+from ...ir.match import VIEW_OPS, find_attention_sites
+from ...ir.sites import AttentionSite
+from ...ir.width_repair import repair_widths
+from .lstsq import LinearStats, cv_error, cv_ridge, greedy_lsq_select, reconstruction_error, refit, refit_scales
+from .scores import activation_scores, qk_pair_scores, redundancy_scores, top_indices
+from .surgery import prune_attention, prune_mlp, qkv_head_weights, value_head_dim
 
 aten = torch.ops.aten
 
@@ -53,7 +53,7 @@ class EngineOptions:
     compensate: bool = True
     sequential: bool = True
     #: relative ridge of the refit; None: chosen per layer by two-fold cross-validation over
-    #: the calibration images (:func:`vitprune.ops.lstsq.cv_ridge`)
+    #: the calibration images (:func:`vitprune.passes.snp.lstsq.cv_ridge`)
     ridge: Optional[float] = 1e-3
     #: what the refit is shrunk towards: "original" (the layer's kept weights) or "zero"
     shrink: str = "zero"
@@ -69,7 +69,7 @@ class EngineOptions:
     batch_size: int = 16
     progress: bool = False
     head_criterion: str = "qk"  # head scores: mean q-k pair score
-    #: per-block Fisher scores (:class:`vitprune.passes.snp_sensitivity.BlockScores`), needed by
+    #: per-block Fisher scores (:class:`vitprune.passes.snp.sensitivity.BlockScores`), needed by
     #: ``criterion="fisher"`` (heads, q-k pairs, value and fc1 neurons chosen by Fisher information)
     scores: Optional[list] = None
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from ..errors import UnsupportedModelError
-from ..ir.match import find_attention_sites
-from ..ir.rewrite import set_param
-from ..ops.snp_scores import top_indices
+from ...errors import UnsupportedModelError
+from ...ir.match import find_attention_sites
+from ...ir.rewrite import set_param
+from .scores import top_indices
 
 aten = torch.ops.aten
 

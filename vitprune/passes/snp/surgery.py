@@ -18,11 +18,11 @@ from typing import Optional, Sequence
 import torch
 from torch.fx import GraphModule, Node
 
-from ..errors import UnsupportedModelError
-from ..ir.capture import recapture
-from ..ir.match import VIEW_OPS
-from ..ir.rewrite import RESHAPE_OPS, set_param
-from ..ir.sites import AttentionSite
+from ...errors import UnsupportedModelError
+from ...ir.capture import recapture
+from ...ir.match import VIEW_OPS
+from ...ir.rewrite import RESHAPE_OPS, set_param
+from ...ir.sites import AttentionSite
 
 aten = torch.ops.aten
 

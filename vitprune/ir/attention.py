@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from ..ir.rewrite import copy_source_meta
-from ..ir.sites import AttentionSite
+from .rewrite import copy_source_meta
+from .sites import AttentionSite
 from ..ops.zero_tprune_layer import log_size_bias
-from .explicit_attention import explicit_attention_nodes
+from ..passes.explicit_attention import explicit_attention_nodes
 
 aten = torch.ops.aten
 

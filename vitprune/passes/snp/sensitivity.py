@@ -1,5 +1,5 @@
 """Per-structure Fisher sensitivities of every attention block (Kwon et al. 2022 §4.1), for the
-global allocation of :mod:`vitprune.passes.snp_allocation` and the ``fisher`` criterion of SNP.
+global allocation of :mod:`vitprune.passes.snp.allocation` and the ``fisher`` criterion of SNP.
 
 Masks of ones are put (per image) on:
 
@@ -11,7 +11,7 @@ Masks of ones are put (per image) on:
 * the input of ``fc2`` ``[B, N, M]``: fc1 neuron ``j``.
 
 The loss is the cross-entropy against the original model's top-1 prediction (no labels; see
-:mod:`vitprune.ops.fisher`). Scores are on the ORIGINAL model, computed once.
+:mod:`vitprune.passes.snp.fisher`). Scores are on the ORIGINAL model, computed once.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Optional, Sequence
 import torch
 from torch.fx import GraphModule
 
-from ..ir.sites import AttentionSite
-from ..ops.fisher import fisher_from_gradients, mask_gradients
-from .snp_surgery import value_head_dim
+from ...ir.sites import AttentionSite
+from .fisher import fisher_from_gradients, mask_gradients
+from .surgery import value_head_dim
 
 
 @dataclass

@@ -7,7 +7,7 @@ version. MetaSchedule records are matched per task by the task's structural hash
 weight values), so every graph compiled for that target reuses the schedules of every task tuned
 before: a pruned model reuses the unpruned model's schedules for the blocks before the first pruning
 layer, and a second ``tune`` of the same graph measures nothing. ``tasks.json`` lists the tasks already
-handled (tuned, or measured too cheap to tune, see :mod:`vitprune.backends.tuning_plan`) and
+handled (tuned, or measured too cheap to tune, see :mod:`vitprune.backends.tvm.tuning_plan`) and
 ``graphs.json`` the whole graphs fully covered (a second tune of one skips task extraction); a tuned
 schedule enters the database only if it is faster than the task's untuned code. ``meta.json``
 records the TVM version. A tune writes into a temporary folder and merges into the shared database
@@ -29,7 +29,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from ..errors import BackendError
+from ...errors import BackendError
 
 DEFAULT_TRIALS_PER_TASK = 32
 MANIFEST = "tasks.json"
@@ -263,7 +263,7 @@ def _run_metaschedule(tasks: list, plan: dict, tmp: str) -> None:
     """Tune ``tasks`` (ExtractedTask) with ``plan[key]`` trials each into the database at ``tmp``."""
     from tvm.s_tir import meta_schedule as ms
 
-    from .tvm_fastbuild import pooled_builder
+    from .fastbuild import pooled_builder
 
     by_key = {task_key(t): t for t in tasks}
     builder = pooled_builder(max_workers=os.cpu_count() or 1)
@@ -289,7 +289,7 @@ def tune(mod, target, trials_per_task: int = DEFAULT_TRIALS_PER_TASK, cache_dir:
     """Tune the tasks of ``mod`` for ``target`` that the target's database does not have yet.
 
     Tasks already in the database (from this graph or any other tuned for ``target``) are reused. The
-    new tasks are measured untuned and get trials by :func:`vitprune.backends.tuning_plan.plan_trials`:
+    new tasks are measured untuned and get trials by :func:`vitprune.backends.tvm.tuning_plan.plan_trials`:
     a budget of ``trials_per_task × (tasks worth tuning)`` split by the square root of each task's
     untuned time, so the large matmuls get most of it and tasks that cost microseconds get none.
 

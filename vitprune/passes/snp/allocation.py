@@ -3,9 +3,9 @@ Post-Training Pruning Framework for Transformers", §4.1: Fisher-based mask sear
 constraint, solved as a knapsack problem).
 
 Instead of one uniform ratio for every block, the widths are chosen across all blocks at once:
-each *removal unit* costs its Fisher information (:mod:`vitprune.passes.snp_sensitivity`,
+each *removal unit* costs its Fisher information (:mod:`vitprune.passes.snp.sensitivity`,
 estimated loss increase ``1/2 sum F_ii``) and saves a known number of MACs
-(:func:`vitprune.passes.snp.block_macs`). Units are
+(:func:`vitprune.passes.snp.snp.block_macs`). Units are
 
 * one q-k pair in EVERY head of block ``l`` (SNP needs the same width in all heads of a block,
   ALGORITHMS.md §2g pitfall 2): cost = sum over heads of the head's next-lowest pair score;
@@ -26,9 +26,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..errors import InvalidPassConfigError
-from .snp_engine import BlockPlan
-from .snp_sensitivity import BlockScores
+from ...errors import InvalidPassConfigError
+from .engine import BlockPlan
+from .sensitivity import BlockScores
 
 
 def allocate(full: Sequence[BlockPlan], scores: Sequence[BlockScores], macs: Callable[[int, BlockPlan], float],
@@ -116,7 +116,7 @@ def recovery_weighted(scores: Sequence[BlockScores], records: Sequence[dict], fl
     perturbation of the block output (``1/2 e^T F e``), which scales with ``||e||^2``. The refit of
     proj / fc2 shrinks that perturbation to ``err / err_sliced`` of its size (relative squared
     reconstruction errors after and before the refit, measured on the calibration images by a dry
-    run at the uniform widths, :func:`vitprune.passes.snp_engine.prune_blocks`). Scaling the costs
+    run at the uniform widths, :func:`vitprune.passes.snp.engine.prune_blocks`). Scaling the costs
     of q-k pairs and value neurons by the attention ratio and of fc1 neurons by the MLP ratio
     makes the greedy allocation spend the MAC budget where the refit repairs the damage, rather
     than where the un-refit damage is small (Kwon et al. 2022 §4.1 search with §4.3 recovery

@@ -12,7 +12,7 @@ import re
 import shutil
 from typing import Any
 
-from ..errors import BackendError
+from ...errors import BackendError
 
 TARGET_NAMES = ("cpu", "cuda", "arm")
 ALIASES = {"llvm": "cpu", "x86": "cpu", "host": "cpu", "gpu": "cuda", "aarch64": "arm", "arm64": "arm"}

@@ -5,10 +5,10 @@ an importer (else :class:`BackendError` naming the op and where it came from), i
 ``from_exported_program`` (weights embedded as constants, so weight transposes are folded),
 optionally apply fast-math (§2: ``fast_erf`` GELU, ``fast_softmax``/``fast_exp``; CPU default), then
 build: CPU/ARM with the default pipeline or, when ``tune=True`` / a tuning database exists, with the
-MetaSchedule schedules from the cache (:mod:`vitprune.backends.tuning`); CUDA with the default GPU
+MetaSchedule schedules from the cache (:mod:`vitprune.backends.tvm.tuning`); CUDA with the default GPU
 pipeline (dlight rules), which builds on a machine without a GPU (§4a). A tuned CPU build is stored
 in the library cache and a later compile of the same graph (same code, weights, input shape, target
-and database) loads it instead of exporting, importing and building (:mod:`vitprune.backends.tvm_libcache`).
+and database) loads it instead of exporting, importing and building (:mod:`vitprune.backends.tvm.libcache`).
 
 ``.export("m.so")`` writes the library plus ``m.so.json`` (manifest: target, input shape, passes),
 and ``m.so.cu`` (generated CUDA source) for CUDA; each file is written to a temporary name and
@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from torch.fx import GraphModule
 
-from ..errors import BackendError
-from ..ir.capture import export_program
+from ...errors import BackendError
+from ...ir.capture import export_program
 from .targets import ARM_CROSS_CXX, find_cross_compiler, resolve_target, target_family, target_json
-from . import tvm_libcache as lc
+from . import libcache as lc
 
 MANIFEST_SUFFIX = ".json"
 CUDA_SOURCE_SUFFIX = ".cu"
@@ -211,8 +211,8 @@ class TvmModule(_VmRunner):
     Attributes:
         executable: the ``relax.VMExecutable`` (or the loaded library when it came from the library
         cache); target: the ``tvm.target.Target``; family: cpu/cuda/arm; tuning: the
-        :class:`~vitprune.backends.tuning.TuneResult` when tuned; cuda_source: CUDA C (cuda only);
-        library_path: the cached library it was loaded from (:mod:`vitprune.backends.tvm_libcache`), or None.
+        :class:`~vitprune.backends.tvm.tuning.TuneResult` when tuned; cuda_source: CUDA C (cuda only);
+        library_path: the cached library it was loaded from (:mod:`vitprune.backends.tvm.libcache`), or None.
     """
 
     def __init__(self, executable, target, input_shape: tuple, fast_math: bool, tuning=None,
@@ -310,7 +310,7 @@ class TvmBackend:
       ``mcpu=`` are also accepted directly;
     - ``fast_math``: default True on CPU/ARM, False on CUDA;
     - ``tune``: MetaSchedule-tune (CPU only; from the cache when already tuned); ``trials``: mean per tuned task
-      (default :data:`~vitprune.backends.tuning.DEFAULT_TRIALS_PER_TASK`); ``use_cache``: compile with a
+      (default :data:`~vitprune.backends.tvm.tuning.DEFAULT_TRIALS_PER_TASK`); ``use_cache``: compile with a
       cached database when one exists even if ``tune=False`` (default True); ``cache_dir``; ``progress``;
       ``tune_ops``: tune only tasks whose name contains one of these (e.g. ``["matmul"]``).
     """
@@ -356,7 +356,7 @@ class TvmBackend:
 
     @staticmethod
     def _cached_library(fingerprint, example_inputs, tgt, fast_math, cache_dir, tune_ops) -> Optional[TvmModule]:
-        """The tuned library of the graph with this :func:`~vitprune.backends.tvm_libcache.graph_fingerprint`
+        """The tuned library of the graph with this :func:`~vitprune.backends.tvm.libcache.graph_fingerprint`
         from the library cache, or None (build it)."""
         import tvm
 
