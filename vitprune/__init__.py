@@ -6,15 +6,16 @@ backend and returns a callable :class:`CompiledModule`; ``vitprune.load(path)`` 
 an exported artefact.
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from . import errors, passes  # noqa: E402
 from .api import CompiledModule, CompileReport, compile  # noqa: E402
 from .backends import load  # noqa: E402
 from .ir import capture, find_attention_sites  # noqa: E402
 from .passes import ExplicitAttention, Pass, PassContext  # noqa: E402
+from .pipeline import PIPELINES, load_config, save_config  # noqa: E402
 
 __all__ = [
     "compile", "load", "CompiledModule", "CompileReport", "capture", "find_attention_sites",
     "Pass", "PassContext", "ExplicitAttention", "errors", "passes", "__version__",
+    "PIPELINES", "load_config", "save_config",
 ]

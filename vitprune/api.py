@@ -12,12 +12,13 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from . import __version__
+from ._version import __version__
 from .backends import get_backend
-from .errors import InvalidPassConfigError, ParityError
+from .errors import ParityError
 from .ir.flops import gmacs
 from .ir.capture import capture, check_example_inputs
-from .passes.base import Pass, PassContext, parse_pass_spec
+from .passes.base import Pass, PassContext
+from .pipeline import PassLike, resolve_passes, run_passes
 
 
 @dataclass
@@ -98,17 +99,6 @@ class CompiledModule:
         return self.lowered.export(path, self.manifest())
 
 
-def _as_pass(p: Union[Pass, str, dict]) -> Pass:
-    if isinstance(p, Pass):
-        p.validate()
-        return p
-    if isinstance(p, str):
-        return parse_pass_spec(p)
-    if isinstance(p, dict):
-        return Pass.from_config(p)
-    raise InvalidPassConfigError(f"a pass must be a Pass instance, a spec string or a config dict, got {type(p).__name__}")
-
-
 def default_example_inputs(model: nn.Module) -> tuple:
     """A zero image batch ``[1, 3, H, W]`` at the model's configured input size (timm's
     ``pretrained_cfg['input_size']``, else 224 x 224)."""
@@ -117,14 +107,17 @@ def default_example_inputs(model: nn.Module) -> tuple:
     return (torch.zeros(1, c, h, w),)
 
 
-def compile(model: nn.Module, passes: Sequence[Union[Pass, str, dict]] = (), backend: str = "torch",
+def compile(model: nn.Module, passes: Union[PassLike, Sequence[PassLike]] = (), backend: str = "torch",
             example_inputs: Any = None, calibration: Optional[torch.Tensor] = None, progress: bool = True,
             check_parity: Union[bool, str] = True, atol: float = 1e-4, **backend_options: Any) -> CompiledModule:
     """Compile a pre-trained ViT: capture, run ``passes`` in order, lower to ``backend``.
 
     Args:
         model: a timm, torchvision or Hugging Face ViT classifier. Never mutated.
-        passes: Pass instances, spec strings (``"zero-tprune:target_gmacs=0.96"``) or config dicts.
+        passes: Pass instances, spec strings (``"zero-tprune:target_gmacs=0.96"``), config dicts,
+            names of :data:`vitprune.pipeline.PIPELINES` or JSON config paths
+            (:func:`vitprune.pipeline.resolve_passes`); run in order by
+            :func:`vitprune.pipeline.run_passes`.
         backend: ``"torch"`` (more with the ONNX and TVM backends installed).
         example_inputs: ``[B, 3, H, W]`` float tensor; default zeros at the model's input size.
         calibration: calibration images ``[N, 3, H, W]`` for passes that need data.
@@ -141,22 +134,20 @@ def compile(model: nn.Module, passes: Sequence[Union[Pass, str, dict]] = (), bac
         UnsupportedModelError, InvalidPassConfigError, BackendError, ParityError.
     """
     t0 = time.time()
-    pass_list = [_as_pass(p) for p in passes]  # validate every config before touching a graph
+    pass_list = resolve_passes(passes)  # validate every config before touching a graph
     example = check_example_inputs(example_inputs) if example_inputs is not None else default_example_inputs(model)
     gm = capture(model, example)
     image_shape = tuple(example[0].shape[1:])
     before = gmacs(gm, image_shape)
     ctx = PassContext(example_inputs=example, calibration=calibration, progress=progress)
-    for p in pass_list:
-        ctx.records.append({"pass": p.name, "config": p.config()})
-        gm = p(gm, ctx)
+    gm, entries = run_passes(gm, pass_list, ctx)
     after = gmacs(gm, image_shape) if pass_list else before
     lowered = get_backend(backend).lower(gm, example, **backend_options)
     if check_parity:
         _check_parity(gm, lowered, example, atol, warn_only=check_parity == "warn", backend=backend)
     report = CompileReport(model=gm.meta.get("vitprune_model_class", type(model).__name__), backend=backend,
                            input_shape=list(example[0].shape), gmacs_before=before, gmacs_after=after,
-                           passes=ctx.records, seconds=time.time() - t0)
+                           passes=entries, seconds=time.time() - t0)
     return CompiledModule(gm, lowered, report, pass_list, example)
 
 

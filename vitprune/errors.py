@@ -27,3 +27,8 @@ class DataError(VitpruneError):
 
 class ParityError(VitpruneError):
     """A lowered module's outputs differ from eager PyTorch beyond the tolerance."""
+
+
+class PassError(VitpruneError):
+    """A pass failed on a graph for a reason other than its configuration (the message names the
+    pass and the passes that ran before it)."""

@@ -17,7 +17,6 @@ scaled to the FLOPs budget, ±1 %) and the S/I split per layer; evaluate top-1; 
 
 from __future__ import annotations
 
-import copy
 from typing import Optional, Sequence
 
 import numpy as np
@@ -116,9 +115,7 @@ def search_schedule(model: torch.nn.Module, data_dir: str, target_gmacs: float, 
     ref = _predict(gm, x)
 
     def evaluate(p: ZeroTPrune) -> dict:
-        ctx = PassContext(example_inputs=example, progress=False)
-        ctx.records.append({})
-        pruned = p(copy.deepcopy(gm), ctx)
+        pruned = p(gm, PassContext(example_inputs=example, progress=False))
         pred = _predict(pruned, x)
         return {"config": p.config(), "agreement": 100.0 * float((pred == ref).float().mean()),
                 "top1": 100.0 * float((pred == labels).float().mean()) if labels is not None else None,

@@ -1,14 +1,19 @@
 """The pass protocol, the pass registry and the ``name:key=value`` spec parser.
 
-A pass is a dataclass (its fields are its configuration, round-tripping through JSON) with
-``__call__(gm, ctx) -> gm'``. Passes are pure: they never mutate the GraphModule they are
-given in a way the caller can observe after the call returns a new one, and never touch the
-user's model. What a pass did goes into ``ctx.record(...)`` and ends up in
-``CompiledModule.report``.
+A pass is a dataclass (its fields are its configuration, round-tripping through JSON) that
+implements ``rewrite(gm, ctx) -> gm'``. Calling a pass (``pass_(gm, ctx)``) runs ``rewrite`` on a
+private copy of ``gm``: the caller's graph is never changed, and a pass keeps no state between
+calls. What a pass did goes into ``ctx.record(...)``; :func:`vitprune.pipeline.run_passes` gives
+every pass a fresh context and turns what it recorded into the pass's report entry.
+
+Option choices are ``Literal[...]`` fields: the spec parser and :meth:`Pass.from_config` check
+them for every pass (one message naming the valid choices), so a pass's ``validate`` only checks
+ranges and combinations.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import typing
@@ -43,17 +48,21 @@ class PassContext:
         calibration: optional calibration images ``[N, 3, H, W]`` (already transformed) for
             passes that need data, or None.
         progress: show progress bars for long work.
-        records: per-pass dicts filled through :meth:`record`.
+        info: what the running pass recorded (:meth:`record`); one context per pass run.
     """
 
     example_inputs: tuple
     calibration: Optional[torch.Tensor] = None
     progress: bool = True
-    records: list = field(default_factory=list)
+    info: dict = field(default_factory=dict)
 
     def record(self, **info: Any) -> None:
-        """Add ``info`` to the report entry of the pass that is running."""
-        self.records[-1].update(info)
+        """Add ``info`` (JSON-friendly values) to the report entry of the pass that is running."""
+        self.info.update(info)
+
+    def fresh(self) -> "PassContext":
+        """A context with the same inputs and an empty :attr:`info`, for the next pass."""
+        return dataclasses.replace(self, info={})
 
 
 class Pass:
@@ -61,7 +70,12 @@ class Pass:
 
     name: ClassVar[str] = "pass"
 
-    def __call__(self, gm: GraphModule, ctx: PassContext) -> GraphModule:  # pragma: no cover - interface
+    def __call__(self, gm: GraphModule, ctx: PassContext) -> GraphModule:
+        """Run the pass on a copy of ``gm`` (which stays as it was) and return the new graph."""
+        return self.rewrite(copy.deepcopy(gm), ctx)
+
+    def rewrite(self, gm: GraphModule, ctx: PassContext) -> GraphModule:  # pragma: no cover - interface
+        """Rewrite ``gm``, which the pass owns (a private copy), and return the result."""
         raise NotImplementedError
 
     def validate(self) -> None:
@@ -70,6 +84,29 @@ class Pass:
     def config(self) -> dict:
         """The configuration as a JSON-compatible dict, including the pass name."""
         return {"pass": self.name, **dataclasses.asdict(self)}
+
+    def spec(self) -> str:
+        """The spec string of this configuration (options that differ from their defaults), which
+        :func:`parse_pass_spec` reads back to an equal pass: ``"zero-tprune:target_gmacs=0.96"``."""
+        items = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+            if value == default:
+                continue
+            if value is None:
+                text = "none"
+            elif isinstance(value, (list, tuple)):
+                text = ";".join(str(v) for v in value)
+            elif isinstance(value, bool):
+                text = str(value).lower()
+            elif isinstance(value, (int, float, str)):
+                text = str(value)
+            else:
+                text = json.dumps(value)
+            items.append(f"{f.name}={text}")
+        return self.name + (":" + ",".join(items) if items else "")
 
     def to_json(self) -> str:
         return json.dumps(self.config(), sort_keys=True)
@@ -107,9 +144,36 @@ def _instantiate(cls: type[Pass], kwargs: dict) -> Pass:
             f"pass '{cls.name}' has no option {', '.join(repr(u) for u in unknown)}; "
             f"valid options: {', '.join(sorted(names)) or '(none)'}"
         )
+    hints = typing.get_type_hints(cls)
+    for key, value in kwargs.items():
+        check_choice(cls.name, key, value, hints.get(key))
     p = cls(**kwargs)
     p.validate()
     return p
+
+
+def literal_choices(annotation) -> Optional[tuple]:
+    """The allowed values of a ``Literal[...]`` (or ``Optional[Literal[...]]``) annotation, else None."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Union:
+        for a in typing.get_args(annotation):
+            if typing.get_origin(a) is typing.Literal:
+                return typing.get_args(a)
+    return None
+
+
+def check_choice(pass_name: str, key: str, value: Any, annotation) -> None:
+    """Refuse a value outside a ``Literal`` field's choices.
+
+    Raises:
+        InvalidPassConfigError: naming the pass, the option, the value and the valid choices.
+    """
+    choices = literal_choices(annotation)
+    if choices is None or value is None or value in choices:
+        return
+    raise InvalidPassConfigError(
+        f"{pass_name}: {key}={value!r} is not one of {', '.join(str(c) for c in choices)}")
 
 
 def _convert(text: str, annotation) -> Any:
@@ -117,6 +181,8 @@ def _convert(text: str, annotation) -> Any:
     text = text.strip()
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    if origin is typing.Literal:
+        return text
     if origin is typing.Union or (origin is not None and type(None) in args):
         if text.lower() in ("none", "null"):
             return None

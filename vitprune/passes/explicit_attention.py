@@ -78,7 +78,7 @@ class ExplicitAttention(Pass):
         if self.blocks is not None and any((not isinstance(b, int)) or b < 0 for b in self.blocks):
             raise InvalidPassConfigError(f"explicit-attention: blocks must be non-negative ints, got {self.blocks}")
 
-    def __call__(self, gm: GraphModule, ctx: PassContext) -> GraphModule:
+    def rewrite(self, gm: GraphModule, ctx: PassContext) -> GraphModule:
         sites = find_attention_sites(gm)
         wanted = set(range(len(sites))) if self.blocks is None else set(self.blocks)
         bad = sorted(b for b in wanted if b >= len(sites))

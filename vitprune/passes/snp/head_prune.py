@@ -51,7 +51,7 @@ class HeadPrune(SNP):
                 raise InvalidPassConfigError(f"head-prune: option {name} belongs to the snp pass")
         super().validate()
 
-    def __call__(self, gm: GraphModule, ctx: PassContext) -> GraphModule:
+    def rewrite(self, gm: GraphModule, ctx: PassContext) -> GraphModule:
         sites = find_attention_sites(gm)
         counts = self.heads if isinstance(self.heads, list) else [self.heads] * len(sites)
         if len(counts) == 1:

@@ -382,7 +382,7 @@ class SNP(Pass):
 
         return block_fisher_scores(gm, sites, calib, self.batch_size, ctx.progress)
 
-    def __call__(self, gm: GraphModule, ctx: PassContext) -> GraphModule:
+    def rewrite(self, gm: GraphModule, ctx: PassContext) -> GraphModule:
         sites = find_attention_sites(gm)
         rest = 0.0
         if self.target_gmacs is not None:

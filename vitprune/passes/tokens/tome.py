@@ -206,7 +206,7 @@ class ToMe(Pass):
 
     _image_shape = (3, 224, 224)
 
-    def __call__(self, gm: GraphModule, ctx: PassContext) -> GraphModule:
+    def rewrite(self, gm: GraphModule, ctx: PassContext) -> GraphModule:
         self._image_shape = tuple(ctx.example_inputs[0].shape[1:])
         sites = find_attention_sites(gm)
         sched, dims = self.schedule(gm, sites)

@@ -420,7 +420,7 @@ class ZeroTPrune(Pass):
         return self._layers_from_keep(info, blocks, [best], clamp=True)
 
     # ------------------------------------------------------------------ rewrite
-    def __call__(self, gm: GraphModule, ctx: PassContext) -> GraphModule:
+    def rewrite(self, gm: GraphModule, ctx: PassContext) -> GraphModule:
         sites = find_attention_sites(gm)
         image_shape = tuple(ctx.example_inputs[0].shape[1:])
         info = ModelInfo.from_graph(gm, sites, image_shape)
