@@ -138,7 +138,7 @@ def test_ztp_merge_groups_against_eager_selection_and_carried_sizes(merge_all):
         assert layers[0]["group"][b].tolist() == _ztp_reference_groups(37, kept[b], src[b], dst[b])
     # (2) every layer: group sizes == the token sizes the merge variant carries (exp of the
     # log(size) attention bias of the next block), every output token is used, CLS stays alone
-    from vitprune.ir.rewrite import node_values
+    from vitprune.ir.values import node_values
     logs = [n for n in c.graph_module.graph.nodes if n.target == torch.ops.aten.log.default]
     vals = node_values(c.graph_module, (x,), set(logs))
     sizes = [vals[n].exp().round().to(torch.int64) for n in logs]          # [B, K_l] per layer
@@ -164,15 +164,15 @@ def test_ztp_merge_groups_against_eager_selection_and_carried_sizes(merge_all):
 def test_merge_groups_hand_made_with_dropped_destination():
     from vitprune.eval.viz import layer_label
     from vitprune.ir.tags import tag_token_select
-    from vitprune.ops.zero_tprune_layer import pack_merge
+    from vitprune.ops.merge import pack_selection
 
     def layer1(x):   # N=7: kept 0 2 4 5; 1 -> 2; 6 -> 3, but the I-stage dropped 3
         t = torch.tensor
-        return pack_merge(t([[0, 2, 4, 5]]), t([[1, 6]]), t([[2, 3]])).expand(x.shape[0], -1)
+        return pack_selection(t([[0, 2, 4, 5]]), t([[1, 6]]), t([[2, 3]])).expand(x.shape[0], -1)
 
     def layer2(x):   # N=4: kept 0 1; 3 (orig 5) -> 1 (orig 2); 2 (orig 4) dropped
         t = torch.tensor
-        return pack_merge(t([[0, 1]]), t([[3]]), t([[1]])).expand(x.shape[0], -1)
+        return pack_selection(t([[0, 1]]), t([[3]]), t([[1]])).expand(x.shape[0], -1)
 
     g = torch.fx.Graph()
     xin = g.placeholder("x")

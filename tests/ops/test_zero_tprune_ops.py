@@ -261,7 +261,7 @@ def test_select_tokens_wpr_without_s_stage_is_topk_of_eir():
 @settings(**SETTINGS)
 @given(st.integers(1, 3), st.integers(3, 16), st.integers(0, 10_000), st.data())
 def test_merge_into_matches_loop_reference(b, n, seed, data):
-    from vitprune.ops.zero_tprune_layer import merge_into
+    from vitprune.ops.merge import merge_tokens
 
     r = data.draw(st.integers(0, n // 2))
     g = torch.Generator().manual_seed(seed)
@@ -270,7 +270,7 @@ def test_merge_into_matches_loop_reference(b, n, seed, data):
     perm = torch.stack([torch.randperm(n, generator=g) for _ in range(b)])
     src = perm[:, :r]
     dst = perm[:, r:][:, torch.randint(0, n - r, (r,), generator=g)] if r else perm[:, :0]
-    xm, sm = merge_into(x, size, src, dst)
+    xm, sm = merge_tokens(x, size, src, dst)
     for bi in range(b):
         for j in range(n):
             members = [j] + [int(src[bi, k]) for k in range(r) if int(dst[bi, k]) == j]

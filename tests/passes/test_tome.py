@@ -12,7 +12,8 @@ import vitprune
 from vitprune.errors import InvalidPassConfigError
 from vitprune.ir.flops import gmacs
 from vitprune.ir.tags import token_select_outputs
-from vitprune.ops.tome import bipartite_soft_matching, max_merge, merge_tokens, unpack_matching
+from vitprune.ops.merge import merge_packed, unpack_selection
+from vitprune.ops.tome import bipartite_soft_matching, max_merge
 from vitprune.passes.base import parse_pass_spec
 from vitprune.passes.tokens.tome import ToMe, parse_r
 
@@ -61,8 +62,8 @@ def test_matching_and_merge_equal_brute_force(n, p, r):
     x = torch.randn(3, n, 4, generator=g, dtype=torch.float64)
     size = torch.randint(1, 4, (3, n, 1), generator=g).double()
     packed = bipartite_soft_matching(metric, r, p)
-    kept, src, dst = unpack_matching(packed, n)
-    new_x, new_s = merge_tokens(x, size, packed)
+    kept, src, dst = unpack_selection(packed, n - r)
+    new_x, new_s = merge_packed(x, size, packed, n - r)
     for b in range(3):
         rk, rs, rd, rx, rsz = reference_match_merge(metric[b].double(), x[b], size[b, :, 0], r, p)
         assert kept[b].tolist() == rk
@@ -80,10 +81,10 @@ def test_sizes_sum_to_token_count_and_prefix_protected():
     ids = torch.arange(n).expand(2, n)  # track which original token sits in each slot
     for r in [12, 10, 8, 5]:
         packed = bipartite_soft_matching(torch.randn(2, x.shape[1], 6, generator=g), r, p)
-        kept, src, dst = unpack_matching(packed, x.shape[1])
+        kept, src, dst = unpack_selection(packed, x.shape[1] - r)
         assert not (src < p).any() and not (dst < p).any(), "prefix tokens merged"
         assert (kept[:, :p] == torch.arange(p)).all(), "prefix tokens moved"
-        x, size = merge_tokens(x, size, packed)
+        x, size = merge_packed(x, size, packed, x.shape[1] - r)
         ids = torch.gather(ids, 1, kept)
         torch.testing.assert_close(size.sum(1), torch.full((2, 1), float(n)))
     assert (ids[:, :p] == torch.arange(p)).all()
@@ -148,7 +149,7 @@ def test_sizes_of_one_and_no_merge_keep_outputs_with_prop_attn():
         qkv = blk.attn.qkv(blk.norm1(m._pos_embed(m.patch_embed(x)))).reshape(3, 17, 3, 3, 16).permute(2, 0, 3, 1, 4)
         k = qkv[1]
         packed = bipartite_soft_matching(k.mean(1), 4, 1)
-        t, size = merge_tokens(t, torch.ones_like(t[..., :1]), packed)
+        t, size = merge_packed(t, torch.ones_like(t[..., :1]), packed, 17 - 4)
         t = t + blk.mlp(blk.norm2(t))
         b1 = m.blocks[1]
         h = b1.norm1(t)
@@ -185,7 +186,7 @@ def test_batch_independence_and_prefix_kept_distilled():
     with torch.no_grad():
         Grab(c.graph_module).run(x)
     for node, tag in outs:
-        kept, src, dst = unpack_matching(values[node], tag["tokens_in"])
+        kept, src, dst = unpack_selection(values[node], tag["n_keep"])
         assert (kept[:, :2] == torch.tensor([0, 1])).all()
         assert (src >= 2).all() and (dst >= 2).all()
 

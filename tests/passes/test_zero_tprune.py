@@ -285,7 +285,8 @@ def test_baselines_stay_pure_pruning_with_default_merge_all(importance):
 
 
 def test_merge_all_merges_every_removed_token_into_a_kept_one():
-    from vitprune.ops.zero_tprune_layer import merge_into, select_tokens
+    from vitprune.ops.merge import merge_tokens
+    from vitprune.ops.zero_tprune_layer import select_tokens
     from vitprune.ops.token_select import gather_tokens
 
     torch.manual_seed(0)
@@ -300,7 +301,7 @@ def test_merge_all_merges_every_removed_token_into_a_kept_one():
         assert k | s == set(range(n)) and not k & s and 0 in k
         assert d <= k - {0}                                              # targets: kept patch tokens only
     x = torch.randn(2, n, 8)
-    mx, msize = merge_into(x, torch.ones(2, n, 1), src, dst)
+    mx, msize = merge_tokens(x, torch.ones(2, n, 1), src, dst)
     size = gather_tokens(msize, kept)
     torch.testing.assert_close(size.sum(1), torch.full((2, 1), float(n)))    # every token is counted once
     torch.testing.assert_close((gather_tokens(mx, kept) * size).sum(1), x.sum(1), atol=1e-5, rtol=1e-5)

@@ -18,10 +18,8 @@ import numpy as np
 import torch
 from torch.fx import GraphModule
 
-from ..ir.rewrite import node_values
-from ..ir.tags import token_select_outputs
-from ..ops.tome import unpack_matching
-from ..ops.zero_tprune_layer import unpack_merge
+from ..ir.values import node_values
+from ..ir.tags import decode_selection, token_select_outputs
 
 
 @torch.no_grad()
@@ -54,14 +52,9 @@ def token_groups(module, x: torch.Tensor) -> list[dict]:
     for node, tag in wanted:
         val = values[node]
         n_in = tag["tokens_in"]
-        if tag["kind"] in ("tome", "merge"):
-            kept, src, dst = (unpack_matching(val, n_in) if tag["kind"] == "tome"
-                              else unpack_merge(val, tag["n_keep"]))
-            dest = torch.arange(n_in).expand(x.shape[0], n_in).clone()  # current token -> token it joins
-            dest.scatter_(1, src, dst)
-        else:
-            kept = val
-            dest = torch.arange(n_in).expand(x.shape[0], n_in).clone()
+        kept, src, dst = decode_selection(tag, val)
+        dest = torch.arange(n_in).expand(x.shape[0], n_in).clone()      # current token -> token it joins
+        dest.scatter_(1, src, dst)
         eq = dest.unsqueeze(-1) == kept.unsqueeze(1)                      # [B, n_in, K]
         pos = torch.where(eq.any(-1), eq.to(torch.int64).argmax(-1), torch.full_like(dest, -1))
         alive = slot >= 0

@@ -183,14 +183,18 @@ def _explicit_core(sm: Node) -> Optional[_Core]:
     return _Core("explicit", [logits_mm, sm, out_mm], q, k, out_mm.args[1], out_mm, sm, factor * qf * kf, mask)
 
 
+def sdpa_scale(node: Node) -> float:
+    """The softmax scale of an ``aten.scaled_dot_product_attention`` node: its ``scale`` argument,
+    else SDPA's default ``head_dim ** -0.5`` (head dim from q's last size)."""
+    scale = node.kwargs.get("scale") or (node.args[6] if len(node.args) > 6 else None)
+    return float(scale) if scale is not None else _static(_shape(node.args[0])[-1]) ** -0.5
+
+
 def _sdpa_core(node: Node) -> _Core:
     q, k, v = node.args[:3]
     mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-    scale = node.kwargs.get("scale") or (node.args[6] if len(node.args) > 6 else None)
-    head_dim = _static(_shape(q)[-1])
+    scale = sdpa_scale(node)
     q_src, qf = _strip_scalars(q)
-    if scale is None:
-        scale = head_dim ** -0.5
     return _Core("sdpa", [node], q_src, k, v, node, None, scale * qf, mask)
 
 

@@ -14,6 +14,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from ..errors import UnsupportedModelError
+from .values import node_values
 
 aten = torch.ops.aten
 
@@ -181,20 +182,3 @@ def drop_trivial_masks(gm: GraphModule, example_inputs: tuple) -> int:
         gm.graph.eliminate_dead_code()
         gm.recompile()
     return removed
-
-
-def node_values(gm: GraphModule, example_inputs: tuple, wanted: set) -> dict:
-    """Run ``gm`` once on ``example_inputs`` (no grad) and return ``{node: value}`` for the
-    ``wanted`` nodes (intermediate tensors such as kept-token indices or masks)."""
-    values: dict = {}
-
-    class _Grab(torch.fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n in wanted:
-                values[n] = out
-            return out
-
-    with torch.no_grad():
-        _Grab(gm).run(*example_inputs)
-    return values

@@ -8,10 +8,12 @@ values to draw kept-token maps.
 Tag value (a JSON-friendly dict under ``TOKEN_SELECT``)::
 
     {"block": i, "kind": "prune", "tokens_in": N}   # value: kept indices [B, K] (int64)
-    {"block": i, "kind": "tome",  "tokens_in": N}   # value: [B, N + r] = kept | src | dst indices
+    {"block": i, "kind": "tome",  "tokens_in": N, "r": r, "n_keep": N - r}
     {"block": i, "kind": "merge", "tokens_in": N, "n_keep": K, "r_s": r}
-                                                    # value: [B, K + 2r] = kept | src | dst indices
-                                                    # (Zero-TPrune merge variant; r = merged pairs: r_S, or r_S + r_I with merge_all)
+        # tome / merge value: the packed selection [B, K + 2r] = kept | src | dst of
+        # vitprune.ops.merge (merge: Zero-TPrune's merge variant; r = r_S, or r_S + r_I with merge_all)
+
+:func:`decode_selection` reads any of them back as ``(kept, src, dst)``.
 """
 
 from __future__ import annotations
@@ -27,9 +29,8 @@ TOKEN_SELECT = "vitprune_token_select"
 def tag_token_select(node: Node, block: int, kind: str, tokens_in: int, **info) -> None:
     """Mark ``node`` as the token selection of pruning/merging layer ``block``.
 
-    ``kind`` is ``"prune"`` (value: kept indices ``[B, K]``, ascending), ``"tome"`` (value: the
-    packed matching of :func:`vitprune.ops.tome.bipartite_soft_matching`) or ``"merge"`` (value:
-    :func:`vitprune.ops.zero_tprune_layer.pack_merge`, with ``n_keep`` and ``r_s`` in ``info``).
+    ``kind`` is ``"prune"`` (value: kept indices ``[B, K]``, ascending), or ``"tome"`` / ``"merge"``
+    (value: a packed selection of :mod:`vitprune.ops.merge`, with ``n_keep`` in ``info``).
     """
     custom = dict(node.meta.get("custom") or {})
     custom[TOKEN_SELECT] = {"block": int(block), "kind": kind, "tokens_in": int(tokens_in), **info}
@@ -62,3 +63,14 @@ def _is_tensor(node: Node) -> bool:
 def _is_multi_output(node: Node) -> bool:
     val = node.meta.get("val")
     return isinstance(val, (tuple, list))
+
+
+def decode_selection(tag: dict, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``(kept [B, K], src [B, r], dst [B, r])`` indices (into the layer's input tokens) of a
+    tagged node's value; a pruning layer (``kind="prune"``) merges nothing (``r = 0``)."""
+    if tag["kind"] == "prune":
+        none = value[:, :0]
+        return value, none, none
+    from ..ops.merge import unpack_selection
+
+    return unpack_selection(value, tag["n_keep"])

@@ -5,8 +5,8 @@ reference code ``facebookresearch/ToMe``, ``tome/merge.py``), rewritten so that 
 through torch.export, ONNX (dynamo exporter) and TVM's Relax importer:
 
 * no ``scatter_reduce`` / ``index_add`` (the reference merge uses ``scatter_reduce``): merged tokens
-  are summed into their destinations with a one-hot assignment matrix ``[B, N-r, r]`` built by
-  comparing indices, followed by a batched matmul;
+  are summed into their destinations by :func:`vitprune.ops.merge.merge_tokens` (a one-hot
+  assignment ``[B, N-r, r]`` and a batched matmul);
 * every shape is static (``r`` is a Python int per layer), no boolean-mask reshapes;
 * kept tokens stay in their original order (ascending index), so prefix tokens (CLS, dist)
   remain at positions ``0 .. num_prefix-1``.
@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from .token_select import gather_tokens
+from .merge import pack_selection
 
-__all__ = ["bipartite_soft_matching", "merge_tokens", "tome_merge",
-           "max_merge", "unpack_matching"]
+__all__ = ["bipartite_soft_matching", "max_merge"]
 
 
 def max_merge(num_tokens: int, num_prefix: int) -> int:
@@ -51,8 +50,9 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int = 1) -
         ``[B, N + r]`` int64, the concatenation of ``kept [B, N-r]`` (original indices of the
         surviving tokens, ascending), ``src [B, r]`` (original indices of the merged A tokens) and
         ``dst [B, r]`` (original index of the B token each source merges into). One packed tensor,
-        so that a graph has a single node to read for kept-token maps; split it with
-        :func:`unpack_matching`.
+        so that a graph has a single node to read for kept-token maps: the packed selection of
+        :mod:`vitprune.ops.merge` (split it with :func:`~vitprune.ops.merge.unpack_selection`,
+        ``n_keep = N - r``; merge with :func:`~vitprune.ops.merge.merge_tokens`, ``rows=kept``).
 
     Raises:
         ValueError: ``r`` outside ``[0, max_merge(N, num_prefix)]``.
@@ -82,46 +82,4 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int = 1) -
     merged = (src.unsqueeze(-1) == ar).any(dim=1)                              # [B,N] bool
     key = merged.to(torch.int64) * n + ar                                      # distinct keys
     kept = torch.topk(-key, n - r, dim=1, largest=True, sorted=True).indices   # [B,N-r] ascending
-    return torch.cat([kept, src, dst], dim=1)
-
-
-def unpack_matching(packed: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split the output of :func:`bipartite_soft_matching` into ``kept [B,N-r]``, ``src [B,r]``,
-    ``dst [B,r]`` (``num_tokens`` = N before merging)."""
-    r = packed.shape[1] - num_tokens
-    n_keep = num_tokens - r
-    return packed[:, :n_keep], packed[:, n_keep:n_keep + r], packed[:, n_keep + r:]
-
-
-def merge_tokens(x: torch.Tensor, size: torch.Tensor, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Size-weighted average merge (ToMe ``merge_wavg``) without scatter ops.
-
-    Each surviving token becomes ``(Σ s_i x_i) / (Σ s_i)`` over itself and the sources merged into
-    it; its size becomes ``Σ s_i``. Sources are added to destinations through a one-hot
-    assignment ``[B, N-r, r]`` (``kept[k] == dst[j]``) and a batched matmul.
-
-    Args:
-        x: ``[B, N, C]`` tokens.
-        size: ``[B, N, 1]`` token sizes (number of original patches each token stands for).
-        packed: ``[B, N + r]`` from :func:`bipartite_soft_matching`.
-
-    Returns:
-        ``x' [B, N-r, C]`` and ``size' [B, N-r, 1]`` (sizes still sum to the same total).
-    """
-    kept, src, dst = unpack_matching(packed, x.shape[1])
-    size = size.to(x.dtype)
-    xs = x * size
-    assign = (kept.unsqueeze(-1) == dst.unsqueeze(1)).to(x.dtype)              # [B,N-r,r] one-hot
-    num = gather_tokens(xs, kept) + assign @ gather_tokens(xs, src)              # [B,N-r,C]
-    new_size = gather_tokens(size, kept) + assign @ gather_tokens(size, src)     # [B,N-r,1]
-    return num / new_size, new_size
-
-
-def tome_merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int, num_prefix: int = 1):
-    """Match (:func:`bipartite_soft_matching`) and merge (:func:`merge_tokens`) in one call.
-
-    Returns:
-        ``(x' [B,N-r,C], size' [B,N-r,1])``.
-    """
-    packed = bipartite_soft_matching(metric, r, num_prefix)
-    return merge_tokens(x, size, packed)
+    return pack_selection(kept, src, dst)

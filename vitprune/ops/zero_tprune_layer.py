@@ -14,9 +14,8 @@ Importance variants sharing the plumbing (baselines asked for by the issue):
   positions drawn from ``seed`` at trace time (a graph constant), so the kept positions are
   random but the same for every image; no S-stage.
 
-Merge variant helpers: :func:`merge_into` (size-weighted merge of the S-stage pairs, one-hot
-matmul), :func:`unit_sizes`, :func:`log_size_bias` (proportional attention), :func:`mark`, and
-:func:`pack_merge` / :func:`unpack_merge` (one tagged node holding a merge layer's kept | src | dst).
+The merge variant merges with :mod:`vitprune.ops.merge` (one merge and one packed selection
+format for every token pass).
 """
 
 from __future__ import annotations
@@ -30,8 +29,7 @@ from .similarity import key_features, s_stage
 from .token_select import gather_attention, gather_tokens, rank_desc, select_lowest, topk_keep
 from .wpr import wpr
 
-__all__ = ["select_tokens", "random_keep", "merge_into", "unit_sizes", "log_size_bias", "pack_merge", "unpack_merge",
-           "IMPORTANCES"]
+__all__ = ["select_tokens", "random_keep", "IMPORTANCES"]
 
 IMPORTANCES = ("wpr", "cls", "random")
 
@@ -129,61 +127,3 @@ def _merge_dropped(feats, imp, out, kept, src, dst, r_i: int, num_prefix: int):
         redirect = (hit.to(torch.int64) * dst_i.unsqueeze(1)).sum(-1)
         dst = torch.where(hit.any(-1), redirect, dst)
     return torch.cat([src, drop], dim=1), torch.cat([dst, dst_i], dim=1)
-
-
-def merge_into(x: torch.Tensor, size: torch.Tensor, src: torch.Tensor, dst: torch.Tensor):
-    """Size-weighted merge of tokens ``src`` into ``dst`` (merge variant), full length.
-
-    ``x'[j] = (s_j x_j + sum_{i: dst_i = j} s_i x_i) / (s_j + sum s_i)`` for every target ``j``;
-    sizes add up. The ``src`` rows are left as they were (the gather of kept tokens drops
-    them). Written with a one-hot assignment ``[B, N, r]`` and a batched matmul (no scatter):
-    ``N·r·(C+1)`` MACs.
-
-    Args:
-        x: ``[B, N, C]`` tokens; size: ``[B, N, 1]`` token sizes; src, dst: ``[B, r]`` indices.
-
-    Returns:
-        ``(x' [B, N, C], size' [B, N, 1])``.
-    """
-    n = x.shape[1]
-    size = size.to(x.dtype)
-    xs = x * size
-    assign = (torch.arange(n, device=x.device).view(1, n, 1) == dst.unsqueeze(1)).to(x.dtype)   # [B, N, r]
-    num = xs + assign @ gather_tokens(xs, src)
-    den = size + assign @ gather_tokens(size, src)
-    return num / den, den
-
-
-def unit_sizes(x: torch.Tensor) -> torch.Tensor:
-    """Initial token sizes ``[B, N, 1]`` (ones) for tokens ``x [B, N, C]``."""
-    return torch.ones_like(x[..., :1])
-
-
-def log_size_bias(size: torch.Tensor) -> torch.Tensor:
-    """Proportional attention: ``log(size)`` as an additive logit bias ``[B, 1, 1, N]`` over keys."""
-    return torch.log(size[..., 0]).unsqueeze(1).unsqueeze(1)
-
-
-def mark(idx: torch.Tensor) -> torch.Tensor:
-    """``idx + 0``: a node to carry the kept-token tag when the selection has several outputs."""
-    return idx + 0
-
-
-def pack_merge(kept: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-    """One ``[B, K + 2·r_S]`` int64 tensor ``kept | src | dst`` of a merge-variant layer, so that the
-    graph has a single node to tag (kind ``"merge"``, :mod:`vitprune.ir.tags`) and read for
-    kept-token maps. All three index the layer's *input* sequence ``N`` (:func:`select_tokens`
-    with ``return_merge``). Split it with :func:`unpack_merge`."""
-    return torch.cat([kept, src, dst], dim=1)
-
-
-def unpack_merge(packed: torch.Tensor, n_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split :func:`pack_merge`'s output into ``kept [B, n_keep]``, ``src [B, r_S]``, ``dst [B, r_S]``."""
-    r = (packed.shape[1] - n_keep) // 2
-    return packed[:, :n_keep], packed[:, n_keep:n_keep + r], packed[:, n_keep + r:]
-
-
-def packed_kept(packed: torch.Tensor, n_keep: int) -> torch.Tensor:
-    """The kept indices ``[B, n_keep]`` of :func:`pack_merge`'s output (the gathers read this, so
-    the tagged packed node stays in the graph)."""
-    return packed[:, :n_keep]

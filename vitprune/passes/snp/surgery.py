@@ -20,7 +20,7 @@ from torch.fx import GraphModule, Node
 
 from ...errors import UnsupportedModelError
 from ...ir.capture import recapture
-from ...ir.match import VIEW_OPS
+from ...ir.match import VIEW_OPS, sdpa_scale
 from ...ir.rewrite import RESHAPE_OPS, set_param
 from ...ir.sites import AttentionSite
 
@@ -129,7 +129,7 @@ def prune_attention(gm: GraphModule, site: AttentionSite, heads: Sequence[int], 
     Raises:
         UnsupportedModelError: q/k/v read different inputs, or the output reshape is not found.
     """
-    H, d, d_v = site.num_heads, site.head_dim, value_head_dim(site)
+    H, d_v = site.num_heads, value_head_dim(site)
     heads = list(heads)
     if not (len(heads) == len(qk_keep) == len(v_keep)) or not heads:
         raise ValueError(f"block {site.block_index}: heads/qk_keep/v_keep lengths differ or are empty")
@@ -154,7 +154,7 @@ def prune_attention(gm: GraphModule, site: AttentionSite, heads: Sequence[int], 
     old_scale = None
     if site.kind == "sdpa":
         sd = core0
-        old_scale = sd.kwargs.get("scale") or (sd.args[6] if len(sd.args) > 6 else None) or d ** -0.5
+        old_scale = sdpa_scale(sd)
     new = {}
     anchor = x.next  # new nodes read only x: insert them right after it
     for key, (w, b), idx in (("q", (wq, bq), qi), ("k", (wk, bk), qi), ("v", (wv, bv), vi)):

@@ -31,6 +31,7 @@ from ...ir.rewrite import copy_source_meta, relax_token_dim
 from ...ir.sites import AttentionSite
 from ...ir.tags import tag_token_select
 from ...ops import tome as tome_ops
+from ...ops.merge import merge_packed, unit_sizes
 from ..base import Pass, PassContext, register_pass
 from ...ir.attention import add_size_bias
 from ...ir.cost import BlockDims
@@ -145,11 +146,6 @@ def head_mean_keys(k: torch.Tensor) -> torch.Tensor:
     return k.mean(dim=1)
 
 
-def unit_sizes(x: torch.Tensor) -> torch.Tensor:
-    """Initial token sizes ``[B, N, 1]`` of ones for tokens ``x [B, N, C]``."""
-    return torch.ones_like(x[..., :1])
-
-
 # ---------------------------------------------------------------- the pass
 
 @register_pass("tome")
@@ -234,8 +230,8 @@ class ToMe(Pass):
                     size = copy_source_meta(g.call_function(unit_sizes, (x,)), x)
                     own.add(size)
                 packed = copy_source_meta(g.call_function(tome_ops.bipartite_soft_matching, (metric, r, dims.prefix)), x)
-                tag_token_select(packed, block=site.block_index, kind="tome", tokens_in=n, r=r)
-                merged = copy_source_meta(g.call_function(tome_ops.merge_tokens, (x, size, packed)), x)
+                tag_token_select(packed, block=site.block_index, kind="tome", tokens_in=n, r=r, n_keep=n - r)
+                merged = copy_source_meta(g.call_function(merge_packed, (x, size, packed, n - r)), x)
                 own.add(merged)
                 x_new = copy_source_meta(g.call_function(operator.getitem, (merged, 0)), x)
                 size = copy_source_meta(g.call_function(operator.getitem, (merged, 1)), x)

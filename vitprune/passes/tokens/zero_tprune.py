@@ -30,7 +30,7 @@ Kept indices (for kept-token maps)
     Each pruning layer's selection subgraph is tagged with
     :func:`vitprune.ir.tags.tag_token_select` (``kind="prune"``: the kept indices; merge-variant
     layers that merge something: ``kind="merge"``, the packed ``kept | src | dst`` of
-    :func:`vitprune.ops.zero_tprune_layer.pack_merge`, so kept-token maps colour merged patches;
+    :func:`vitprune.ops.merge.pack_selection`, so kept-token maps colour merged patches;
     export copies ``custom`` metadata to every ATen node it traces from the tagged node).
     :func:`kept_token_indices` runs a pruned GraphModule (or a ``CompiledModule``) on images
     and returns, per pruning layer, the kept token indices in the *original* token sequence
@@ -96,21 +96,21 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ...errors import InvalidPassConfigError
+from ...ir.attention import add_size_bias, make_explicit
 from ...ir.flops import gmacs as measure_gmacs
 from ...ir.capture import recapture
 from ...ir.match import find_attention_sites
-from ...ir.rewrite import copy_source_meta, node_values, relax_token_dim
+from ...ir.rewrite import copy_source_meta, relax_token_dim
+from ...ir.values import node_values
 from ...ir.sites import AttentionSite
-from ...ir.tags import tag_token_select, token_select_outputs
+from ...ir.tags import decode_selection, tag_token_select, token_select_outputs
 from ...ops.head_filter import VAR_NORMS
 from ...ops.similarity import partition_sizes, s_stage_macs
 from ...ops.token_select import gather_tokens
 from ...ops.wpr import wpr_macs
-from ...ops.zero_tprune_layer import (IMPORTANCES, mark, merge_into, pack_merge, packed_kept, random_keep, select_tokens,
-                                     unit_sizes, unpack_merge)
+from ...ops.merge import mark, merge_tokens, pack_selection, packed_kept, unit_sizes
+from ...ops.zero_tprune_layer import IMPORTANCES, random_keep, select_tokens
 from ..base import Pass, PassContext, register_pass
-from ..explicit_attention import explicit_attention_nodes
-from ...ir.attention import add_size_bias
 from ...ir.cost import BlockDims
 
 MODES = ("prune", "merge")
@@ -451,7 +451,7 @@ class ZeroTPrune(Pass):
                         n_keep=lp.n_out, num_prefix=info.prefix, seed=self.seed + lp.block))
                     own.append(idx)
                 else:
-                    probs = probs or _probs(gm, site)
+                    probs = probs or make_explicit(gm, site)
                     sel = g.call_function(select_tokens, (probs, site.k), dict(
                         n_after_s=lp.n_after_s, n_keep=lp.n_out, num_prefix=info.prefix, iters=lp.iters,
                         cls_init=self.cls_init, vmin=float(self.vmin), vmax=float(self.vmax), var_norm=self.var_norm,
@@ -467,7 +467,7 @@ class ZeroTPrune(Pass):
                     dst = g.call_function(operator.getitem, (sel, 2))
                 if lp.r_s > 0 or (self._merges_dropped() and lp.r_i > 0):    # one tagged node: kept | src | dst
                     with g.inserting_after(dst):
-                        packed = g.call_function(pack_merge, (kept, src, dst))
+                        packed = g.call_function(pack_selection, (kept, src, dst))
                     with g.inserting_after(packed):
                         idx = g.call_function(packed_kept, (packed, lp.n_out))
                     tag_token_select(packed, block=lp.block, kind="merge", tokens_in=lp.n_in,
@@ -483,7 +483,7 @@ class ZeroTPrune(Pass):
                         size = cur = g.call_function(unit_sizes, (out,))
                     own.append(size)
                 with g.inserting_after(cur):
-                    merged = g.call_function(merge_into, (out, size, src, dst))
+                    merged = g.call_function(merge_tokens, (out, size, src, dst))
                 own.append(merged)
                 with g.inserting_after(merged):
                     src_x = g.call_function(operator.getitem, (merged, 0))
@@ -526,15 +526,6 @@ class ZeroTPrune(Pass):
             rec["kept_indices"] = [t.tolist() for t in kept_token_indices(gm, ctx.example_inputs[0])]
         ctx.record(**rec)
         return gm
-
-
-def _probs(gm: GraphModule, site: AttentionSite) -> Node:
-    """The attention-probabilities node of ``site`` (made explicit first if fused)."""
-    if site.kind == "explicit":
-        return site.attn_probs
-    probs = explicit_attention_nodes(gm, site)
-    site.kind, site.attn_probs = "explicit", probs
-    return probs
 
 
 def all_indices(x: torch.Tensor) -> torch.Tensor:
@@ -585,7 +576,7 @@ def tokens_per_block(info: ModelInfo, plans: list[LayerPlan]) -> list[int]:
 
 def _index_nodes(gm: GraphModule) -> list[tuple[dict, Node]]:
     """For each tagged Zero-TPrune layer, its tag and the node holding its kept indices: kind
-    ``"prune"`` (value ``[B, K]``) or ``"merge"`` (value ``kept | src | dst``, :func:`pack_merge`)."""
+    ``"prune"`` (value ``[B, K]``) or ``"merge"`` (value ``kept | src | dst``, :func:`~vitprune.ops.merge.pack_selection`)."""
     return [(tag, node) for node, tag in token_select_outputs(gm) if tag.get("kind") in ("prune", "merge")]
 
 
@@ -610,9 +601,7 @@ def kept_token_indices(module, x: torch.Tensor) -> list[torch.Tensor]:
     values = node_values(gm, (x,), {n for _, n in wanted})
     result, prev = [], None
     for tag, node in wanted:
-        idx = values[node]
-        if tag["kind"] == "merge":
-            idx = unpack_merge(idx, tag["n_keep"])[0]
+        idx = decode_selection(tag, values[node])[0]
         orig = idx if prev is None else gather_tokens(prev, idx)
         result.append(orig)
         prev = orig
