@@ -28,10 +28,11 @@ from .ir.flops import gmacs
 from .ir.capture import capture
 from .ir.match import find_attention_sites
 from .passes.base import PassContext
-from .passes.tokens.zero_tprune import ModelInfo, ZeroTPrune
+from .ir.cost import ViTDims, bisect_budget
+from .passes.tokens.zero_tprune import ZeroTPrune
 
 
-def _counts_for(p_fixed: dict, weights: np.ndarray, blocks: list[int], info: ModelInfo, gm, sites,
+def _counts_for(p_fixed: dict, weights: np.ndarray, blocks: list[int], info: ViTDims, gm, sites,
                 target: float) -> Optional[ZeroTPrune]:
     """The schedule ``counts_i = round(s · w_i · M)`` whose analytic GMACs is the largest not above
     ``target`` (bisection on ``s``); None if the budget is out of reach for these weights."""
@@ -50,17 +51,10 @@ def _counts_for(p_fixed: dict, weights: np.ndarray, blocks: list[int], info: Mod
         p.validate()
         return p, p.plan(gm, sites, info)[1]
 
-    lo, hi = 0.0, 1.0
-    p_hi, g_hi = make(hi)
+    _, g_hi = make(1.0)
     if g_hi > target * 1.01:
         return None
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        _, g = make(mid)
-        if g > target:
-            lo = mid
-        else:
-            hi = mid
+    _, hi = bisect_budget(lambda s: make(s)[1], 0.0, 1.0, target, iters=30, increasing=False)
     p, g = make(hi)
     return p if p is not None and abs(g - target) <= 0.01 * target else None
 
@@ -107,7 +101,7 @@ def search_schedule(model: torch.nn.Module, data_dir: str, target_gmacs: float, 
     gm = capture(model, example)
     sites = find_attention_sites(gm)
     image_shape = tuple(x.shape[1:])
-    info = ModelInfo.from_graph(gm, sites, image_shape)
+    info = ViTDims.from_graph(gm, sites, image_shape)
     if not 0 < target_gmacs < info.dense_gmacs:
         raise InvalidPassConfigError(
             f"search: target_gmacs={target_gmacs} outside (0, {info.dense_gmacs:.4f}) (the unpruned model's GMACs)")

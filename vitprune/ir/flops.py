@@ -54,16 +54,3 @@ def gmacs(fn, image_shape=(3, 224, 224)) -> float:
     """
     x = torch.zeros(1, *image_shape)
     return count_flops(fn, (x,)) / 2 / 1e9
-
-
-def vit_gmacs_formula(depth: int, tokens: int, dim: int, mlp_ratio: float = 4.0, patch: int = 16,
-                      image: int = 224, num_classes: int = 1000, in_chans: int = 3) -> float:
-    """Analytic GMACs of a plain ViT (DeiT/AugReg layout), for tests and planning.
-
-    Per block ``(4 + 2·mlp_ratio)·N·D² + 2·N²·D`` (qkv, proj, MLP; q@k^T and probs@v), plus
-    the patch embedding ``(image/patch)²·D·3·patch²`` and the head ``D·num_classes``
-    (ALGORITHMS.md §1d "FLOPs model for planning").
-    """
-    per_block = (4 + 2 * mlp_ratio) * tokens * dim * dim + 2 * tokens * tokens * dim
-    patch_embed = (image // patch) ** 2 * dim * in_chans * patch * patch
-    return (depth * per_block + patch_embed + dim * num_classes) / 1e9

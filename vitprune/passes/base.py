@@ -79,7 +79,14 @@ class Pass:
         raise NotImplementedError
 
     def validate(self) -> None:
-        """Check the configuration before any graph is touched; raise InvalidPassConfigError."""
+        """Check the configuration before any graph is touched; raise InvalidPassConfigError.
+
+        The base class checks every ``Literal[...]`` field against its choices; subclasses call
+        ``super().validate()`` first, then check ranges and combinations.
+        """
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            check_choice(self.name, f.name, getattr(self, f.name), hints.get(f.name))
 
     def config(self) -> dict:
         """The configuration as a JSON-compatible dict, including the pass name."""
@@ -144,9 +151,6 @@ def _instantiate(cls: type[Pass], kwargs: dict) -> Pass:
             f"pass '{cls.name}' has no option {', '.join(repr(u) for u in unknown)}; "
             f"valid options: {', '.join(sorted(names)) or '(none)'}"
         )
-    hints = typing.get_type_hints(cls)
-    for key, value in kwargs.items():
-        check_choice(cls.name, key, value, hints.get(key))
     p = cls(**kwargs)
     p.validate()
     return p

@@ -36,6 +36,7 @@ class ExplicitAttention(Pass):
     blocks: Optional[list[int]] = None
 
     def validate(self) -> None:
+        super().validate()
         if self.blocks is not None and any((not isinstance(b, int)) or b < 0 for b in self.blocks):
             raise InvalidPassConfigError(f"explicit-attention: blocks must be non-negative ints, got {self.blocks}")
 

@@ -21,20 +21,17 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 
 from ...errors import InvalidPassConfigError
+from ...ir.cost import ViTDims, bisect_budget
 from ...ir.flops import gmacs
-from ...ir.capture import recapture
 from ...ir.match import find_attention_sites
-from ...ir.rewrite import copy_source_meta, relax_token_dim
-from ...ir.sites import AttentionSite
 from ...ir.tags import tag_token_select
 from ...ops import tome as tome_ops
-from ...ops.merge import merge_packed, unit_sizes
+from ...ops.merge import merge_packed
 from ..base import Pass, PassContext, register_pass
-from ...ir.attention import add_size_bias
-from ...ir.cost import BlockDims
+from .skeleton import TokenRewrite
 
 aten = torch.ops.aten
 
@@ -66,28 +63,7 @@ def rate_schedule(rate: float, depth: int) -> list[int]:
     return [int(math.floor(rate * (i + 1) + 1e-9) - math.floor(rate * i + 1e-9)) for i in range(depth)]
 
 
-@dataclass
-class ModelDims:
-    """What the MAC model of a plain ViT needs, read from attention sites: token counts and
-    each block's widths (:class:`~vitprune.ir.cost.BlockDims`; they differ after SNP).
-
-    ``other_macs``: MACs outside the blocks (patch embedding, head), per image.
-    """
-
-    depth: int
-    tokens: int
-    prefix: int
-    embed_dim: int
-    blocks: list[BlockDims]
-    other_macs: float = 0.0
-
-    @classmethod
-    def from_sites(cls, sites: list[AttentionSite]) -> "ModelDims":
-        s = sites[0]
-        return cls(len(sites), s.num_tokens, s.num_prefix_tokens, s.embed_dim, [BlockDims.from_site(x) for x in sites])
-
-
-def clamp_schedule(dims: ModelDims, schedule: list[int]) -> list[int]:
+def clamp_schedule(dims: ViTDims, schedule: list[int]) -> list[int]:
     """Cap each count at ToMe's limit (half of the non-prefix tokens at that block)."""
     n, out = dims.tokens, []
     for r in schedule[: dims.depth]:
@@ -97,11 +73,11 @@ def clamp_schedule(dims: ModelDims, schedule: list[int]) -> list[int]:
     return out + [0] * (dims.depth - len(out))
 
 
-def tome_gmacs(dims: ModelDims, schedule: list[int]) -> float:
+def tome_gmacs(dims: ViTDims, schedule: list[int], other_macs: float = 0.0) -> float:
     """Analytic GMACs per image of a ToMe-merged ViT (ALGORITHMS.md §1d FLOPs model, plus the
-    merge's own work): per block attention at ``N_i`` tokens, matching ``⌈N/2⌉·⌊N/2⌋·d`` and
-    merge ``(N−r)·r·(C+1)`` MACs, MLP at ``N_i − r_i`` tokens."""
-    n, total, dim = dims.tokens, dims.other_macs, dims.embed_dim
+    merge's own work): ``other_macs`` (patch embedding, head) plus per block attention at ``N_i``
+    tokens, matching ``⌈N/2⌉·⌊N/2⌋·d`` and merge ``(N−r)·r·(C+1)`` MACs, MLP at ``N_i − r_i`` tokens."""
+    n, total, dim = dims.tokens, other_macs, dims.embed_dim
     for r, b in zip(schedule, dims.blocks):
         total += b.attn_macs(n, dim)
         if r > 0:
@@ -111,7 +87,7 @@ def tome_gmacs(dims: ModelDims, schedule: list[int]) -> float:
     return total / 1e9
 
 
-def solve_rate(dims: ModelDims, target: float, tol: float = 0.01) -> list[int]:
+def solve_rate(dims: ViTDims, target: float, other_macs: float, tol: float = 0.01) -> list[int]:
     """The fractional-constant-rate schedule (:func:`rate_schedule`) whose analytic GMACs is the
     largest not above ``target`` (bisection on the rate).
 
@@ -119,23 +95,20 @@ def solve_rate(dims: ModelDims, target: float, tol: float = 0.01) -> list[int]:
         InvalidPassConfigError: ``target`` below what ToMe can reach (every block merging its
             maximum) by more than ``tol``, or not below the unpruned count.
     """
-    full = tome_gmacs(dims, [0] * dims.depth)
+    def g(rate: float) -> float:
+        return tome_gmacs(dims, clamp_schedule(dims, rate_schedule(rate, dims.depth)), other_macs)
+
+    full = tome_gmacs(dims, [0] * dims.depth, other_macs)
     if target >= full:
         raise InvalidPassConfigError(
             f"tome: target_gmacs={target} is not below the unpruned model's {full:.4f} GMACs; use a smaller budget")
     hi = float(dims.tokens)
-    floor_g = tome_gmacs(dims, clamp_schedule(dims, rate_schedule(hi, dims.depth)))
+    floor_g = g(hi)
     if target < floor_g * (1 - tol):
         raise InvalidPassConfigError(
             f"tome: target_gmacs={target} is below the {floor_g:.4f} GMACs ToMe reaches when every block merges half "
             f"its tokens; valid range ({floor_g:.4f}, {full:.4f})")
-    lo = 0.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if tome_gmacs(dims, clamp_schedule(dims, rate_schedule(mid, dims.depth))) > target:
-            lo = mid
-        else:
-            hi = mid
+    _, hi = bisect_budget(g, 0.0, hi, target, iters=60, increasing=False)
     return clamp_schedule(dims, rate_schedule(hi, dims.depth))
 
 
@@ -174,6 +147,7 @@ class ToMe(Pass):
     prop_attn: bool = True
 
     def validate(self) -> None:
+        super().validate()
         if (self.r is None) == (self.target_gmacs is None):
             raise InvalidPassConfigError(
                 f"tome: give exactly one of r (tokens merged per block) or target_gmacs, got r={self.r}, "
@@ -187,60 +161,50 @@ class ToMe(Pass):
         if self.target_gmacs is not None and not (isinstance(self.target_gmacs, (int, float)) and self.target_gmacs > 0):
             raise InvalidPassConfigError(f"tome: target_gmacs={self.target_gmacs} must be a positive number of GMACs")
 
-    def schedule(self, gm: GraphModule, sites: Optional[list] = None) -> tuple[list[int], ModelDims]:
-        """The capped per-block merge counts this config gives on ``gm``, and the model dims
-        (with ``other_macs`` measured)."""
+    def schedule(self, gm: GraphModule, sites: Optional[list] = None,
+                 image_shape=(3, 224, 224)) -> tuple[list[int], ViTDims, float]:
+        """The capped per-block merge counts this config gives on ``gm``, the model's dims, and its
+        MACs outside the blocks (patch embedding, head; measured dense GMACs minus the blocks')."""
         sites = sites if sites is not None else find_attention_sites(gm)
         if not sites:
             raise InvalidPassConfigError("tome: the model has no attention blocks to merge tokens in")
-        dims = ModelDims.from_sites(sites)
-        image = tuple(self._image_shape)
-        dims.other_macs = gmacs(gm, image) * 1e9 - tome_gmacs(dims, [0] * dims.depth) * 1e9
+        dims = ViTDims.from_graph(gm, sites, image_shape)
+        other = dims.dense_gmacs * 1e9 - tome_gmacs(dims, [0] * dims.depth) * 1e9
         if self.target_gmacs is not None:
-            return solve_rate(dims, float(self.target_gmacs)), dims
-        return clamp_schedule(dims, parse_r(self.r, dims.depth, self.inflection)), dims
-
-    _image_shape = (3, 224, 224)
+            return solve_rate(dims, float(self.target_gmacs), other), dims, other
+        return clamp_schedule(dims, parse_r(self.r, dims.depth, self.inflection)), dims, other
 
     def rewrite(self, gm: GraphModule, ctx: PassContext) -> GraphModule:
-        self._image_shape = tuple(ctx.example_inputs[0].shape[1:])
+        image_shape = tuple(ctx.example_inputs[0].shape[1:])
         sites = find_attention_sites(gm)
-        sched, dims = self.schedule(gm, sites)
-        predicted = tome_gmacs(dims, sched)
+        sched, dims, other = self.schedule(gm, sites, image_shape)
+        predicted = tome_gmacs(dims, sched, other)
         tokens = [dims.tokens]
         for r in sched:
             tokens.append(tokens[-1] - r)
         if sum(sched) == 0:
             ctx.record(schedule=sched, tokens=tokens, gmacs_predicted=round(predicted, 4))
             return gm
-        g = gm.graph
-        size: Optional[Node] = None
-        first_out: Optional[Node] = None
-        n = dims.tokens
+        rw = TokenRewrite(gm, dims.tokens, proportional=self.prop_attn)
+        g, n = gm.graph, dims.tokens
         for site, r in zip(sites, sched):
-            if size is not None and self.prop_attn:
-                add_size_bias(gm, site, size)
+            rw.enter_block(site)
             if r == 0:
                 continue
             x = site.attn_residual
             with g.inserting_before(x.next):
-                metric = copy_source_meta(g.call_function(head_mean_keys, (site.k,)), x)
-                own = set()
-                if size is None:
-                    size = copy_source_meta(g.call_function(unit_sizes, (x,)), x)
-                    own.add(size)
-                packed = copy_source_meta(g.call_function(tome_ops.bipartite_soft_matching, (metric, r, dims.prefix)), x)
+                metric = rw.call(head_mean_keys, (site.k,), x)
+                own = set() if rw.size is not None else {rw.unit_sizes(x)}
+                packed = rw.call(tome_ops.bipartite_soft_matching, (metric, r, dims.prefix), x)
                 tag_token_select(packed, block=site.block_index, kind="tome", tokens_in=n, r=r, n_keep=n - r)
-                merged = copy_source_meta(g.call_function(merge_packed, (x, size, packed, n - r)), x)
+                merged = rw.call(merge_packed, (x, rw.size, packed, n - r), x)
                 own.add(merged)
-                x_new = copy_source_meta(g.call_function(operator.getitem, (merged, 0)), x)
-                size = copy_source_meta(g.call_function(operator.getitem, (merged, 1)), x)
-            x.replace_all_uses_with(x_new, delete_user_cb=lambda u, own=own: u not in own)
-            first_out = first_out or x_new
+                x_new = rw.call(operator.getitem, (merged, 0), x)
+                rw.size = rw.call(operator.getitem, (merged, 1), x)
+            rw.replace(x, x_new, own)
             n -= r
-        relax_token_dim(gm, first_out, dims.tokens)
-        gm = recapture(gm, ctx.example_inputs)
-        measured = gmacs(gm, self._image_shape)
+        gm = rw.finish(ctx.example_inputs)
+        measured = gmacs(gm, image_shape)
         ctx.record(schedule=sched, tokens=tokens, gmacs_predicted=round(predicted, 4), gmacs_measured=round(measured, 4))
         if self.target_gmacs is not None and abs(measured - self.target_gmacs) > 0.01 * self.target_gmacs:
             raise InvalidPassConfigError(

@@ -90,31 +90,26 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from torch.fx import GraphModule, Node
 
 from ...errors import InvalidPassConfigError
-from ...ir.attention import add_size_bias, make_explicit
-from ...ir.flops import gmacs as measure_gmacs
-from ...ir.capture import recapture
+from ...ir.attention import make_explicit
+from ...ir.cost import BlockDims, ViTDims, bisect_budget
 from ...ir.match import find_attention_sites
-from ...ir.rewrite import copy_source_meta, relax_token_dim
-from ...ir.values import node_values
+from ...ir.rewrite import copy_source_meta
 from ...ir.sites import AttentionSite
 from ...ir.tags import decode_selection, tag_token_select, token_select_outputs
-from ...ops.head_filter import VAR_NORMS
+from ...ir.values import node_values
 from ...ops.similarity import partition_sizes, s_stage_macs
 from ...ops.token_select import gather_tokens
+from ...ops.merge import mark, merge_tokens, pack_selection, packed_kept
 from ...ops.wpr import wpr_macs
-from ...ops.merge import mark, merge_tokens, pack_selection, packed_kept, unit_sizes
-from ...ops.zero_tprune_layer import IMPORTANCES, random_keep, select_tokens
+from ...ops.zero_tprune_layer import random_keep, select_tokens
 from ..base import Pass, PassContext, register_pass
-from ...ir.cost import BlockDims
-
-MODES = ("prune", "merge")
-FEATURES = ("concat", "mean")
+from .skeleton import TokenRewrite
 
 #: the paper's DeiT-S budgets (Zero-TP-a/b/c, GMACs) over our dense DeiT-S count (4.5989 GMACs);
 #: a preset applies the same fraction of the dense GMACs to any model.
@@ -141,41 +136,6 @@ class LayerPlan:
         return self.n_after_s - self.n_out
 
 
-@dataclass
-class ModelInfo:
-    """Dimensions of a captured ViT needed to plan a schedule and count its GMACs."""
-
-    depth: int
-    tokens: int
-    prefix: int
-    embed_dim: int
-    heads: int
-    head_dim: int
-    mlp_hidden: int
-    dense_gmacs: float
-    blocks: list[BlockDims] = field(default_factory=list)
-
-    @classmethod
-    def from_graph(cls, gm: GraphModule, sites: Optional[list[AttentionSite]] = None,
-                   image_shape=(3, 224, 224)) -> "ModelInfo":
-        sites = sites if sites is not None else find_attention_sites(gm)
-        s0 = sites[0]
-        dims = [BlockDims.from_site(s) for s in sites]
-        return cls(depth=len(sites), tokens=s0.num_tokens, prefix=s0.num_prefix_tokens, embed_dim=s0.embed_dim,
-                   heads=s0.num_heads, head_dim=s0.head_dim, mlp_hidden=dims[0].mlp_hidden,
-                   dense_gmacs=measure_gmacs(gm, image_shape), blocks=dims)
-
-    def dims(self, block: int) -> BlockDims:
-        """Widths of ``block`` (the first block's widths for every block if unknown)."""
-        if block < len(self.blocks):
-            return self.blocks[block]
-        return BlockDims(self.heads, self.head_dim, self.head_dim, self.mlp_hidden)
-
-    def block_macs(self, n: int, block: int = 0) -> int:
-        """MACs of ``block`` on ``n`` tokens (:meth:`BlockDims.block_macs`)."""
-        return self.dims(block).block_macs(n, self.embed_dim)
-
-
 @register_pass("zero-tprune")
 @dataclass
 class ZeroTPrune(Pass):
@@ -193,18 +153,18 @@ class ZeroTPrune(Pass):
     keep: Optional[list[float]] = None
     counts: Optional[list[int]] = None
     target_gmacs: Optional[float] = None
-    preset: Optional[str] = None
+    preset: Optional[Literal["a", "b", "c"]] = None
     rs_ratio: float = 0.7
     iters: list[int] = field(default_factory=lambda: [30, 5, 1])
     layer_iters: Optional[list[int]] = None
     vhf: bool = True
     vmin: float = 0.01
     vmax: float = 0.7
-    var_norm: str = "mean1"
+    var_norm: Literal["mean1", "sum_sq_dev", "raw"] = "mean1"
     cls_init: bool = True
-    importance: str = "wpr"
-    mode: str = "merge"
-    feature: str = "concat"
+    importance: Literal["wpr", "cls", "random"] = "wpr"
+    mode: Literal["prune", "merge"] = "merge"
+    feature: Literal["concat", "mean"] = "concat"
     merge_all: bool = True
     seed: int = 0
     record_indices: bool = False
@@ -214,17 +174,7 @@ class ZeroTPrune(Pass):
         def bad(msg):
             raise InvalidPassConfigError(f"zero-tprune: {msg}")
 
-        if self.mode not in MODES:
-            bad(f"mode={self.mode!r} is unknown; valid modes: {', '.join(MODES)}")
-        if self.importance not in IMPORTANCES:
-            bad(f"importance={self.importance!r} is unknown; valid: {', '.join(IMPORTANCES)}")
-        if self.preset is not None and self.preset not in PRESETS:
-            bad(f"preset={self.preset!r} is unknown; valid presets: {', '.join(PRESETS)} "
-                f"(DeiT-S budgets {', '.join(f'{k}={v}' for k, v in PRESETS.items())} GMACs)")
-        if self.var_norm not in VAR_NORMS:
-            bad(f"var_norm={self.var_norm!r} is unknown; valid: {', '.join(VAR_NORMS)}")
-        if self.feature not in FEATURES:
-            bad(f"feature={self.feature!r} is unknown; valid: {', '.join(FEATURES)}")
+        super().validate()                                   # the Literal choices
         sources = [n for n, v in (("keep", self.keep), ("counts", self.counts), ("target_gmacs", self.target_gmacs),
                                   ("preset", self.preset)) if v is not None]
         if not sources:
@@ -269,7 +219,7 @@ class ZeroTPrune(Pass):
             bad(f"{name} has {len(values)} entries but prune_blocks has {n_layers}")
 
     # ------------------------------------------------------------------ planning
-    def _blocks(self, info: ModelInfo) -> list[int]:
+    def _blocks(self, info: ViTDims) -> list[int]:
         if self.prune_blocks is not None:
             blocks = list(self.prune_blocks)
         elif self.keep is not None or self.counts is not None:
@@ -298,7 +248,7 @@ class ZeroTPrune(Pass):
             return self.iters[2]
         return self.iters[1]
 
-    def _layers(self, info: ModelInfo, blocks: list[int], removed: list[int]) -> list[LayerPlan]:
+    def _layers(self, info: ViTDims, blocks: list[int], removed: list[int]) -> list[LayerPlan]:
         n, p = info.tokens, info.prefix
         plans = []
         for i, (b, r) in enumerate(zip(blocks, removed)):
@@ -315,7 +265,7 @@ class ZeroTPrune(Pass):
             n -= r
         return plans
 
-    def _layers_from_keep(self, info: ModelInfo, blocks: list[int], keep: list[float],
+    def _layers_from_keep(self, info: ViTDims, blocks: list[int], keep: list[float],
                           clamp: bool = False) -> list[LayerPlan]:
         keep = keep * len(blocks) if len(keep) == 1 else keep
         m, removed = info.tokens - info.prefix, []
@@ -332,7 +282,7 @@ class ZeroTPrune(Pass):
             m = m_new
         return self._layers(info, blocks, removed)
 
-    def analytic_gmacs(self, info: ModelInfo, plans: list[LayerPlan]) -> float:
+    def analytic_gmacs(self, info: ViTDims, plans: list[LayerPlan]) -> float:
         """GMACs per image of the pruned model, pruning-layer work included."""
         extra = 0
         total = info.dense_gmacs * 1e9
@@ -358,21 +308,22 @@ class ZeroTPrune(Pass):
         return b.heads * b.qk if self.feature == "concat" else b.qk
 
     def _merges_dropped(self) -> bool:
-        return self.merge_all and self.mode == "merge" and self.importance == "wpr"
+        """``merge_all``: the I-stage's removed tokens are merged too."""
+        return self.merge_all and self._merges()
 
-    def _target(self, info: ModelInfo) -> float:
+    def _target(self, info: ViTDims) -> float:
         if self.preset is not None:
             return PRESETS[self.preset] / DEIT_S_DENSE_GMACS * info.dense_gmacs
         return float(self.target_gmacs)
 
     def plan(self, gm: GraphModule, sites: Optional[list[AttentionSite]] = None,
-             info: Optional[ModelInfo] = None) -> tuple[list[LayerPlan], float]:
+             info: Optional[ViTDims] = None) -> tuple[list[LayerPlan], float]:
         """The per-layer token counts this config gives on ``gm`` and their analytic GMACs.
 
         Raises:
             InvalidPassConfigError: the schedule does not fit the model (see the class doc).
         """
-        info = info or ModelInfo.from_graph(gm, sites)
+        info = info or ViTDims.from_graph(gm, sites)
         blocks = self._blocks(info)
         if self.keep is not None:
             plans = self._layers_from_keep(info, blocks, list(self.keep))
@@ -383,7 +334,7 @@ class ZeroTPrune(Pass):
             plans = self._solve(info, blocks, self._target(info))
         return plans, self.analytic_gmacs(info, plans)
 
-    def _solve(self, info: ModelInfo, blocks: list[int], target: float) -> list[LayerPlan]:
+    def _solve(self, info: ViTDims, blocks: list[int], target: float) -> list[LayerPlan]:
         """Uniform keep rate over ``blocks`` whose analytic GMACs hit ``target`` within 1 %."""
         m0 = info.tokens - info.prefix
 
@@ -404,13 +355,7 @@ class ZeroTPrune(Pass):
             )
         if target >= hi_g:
             return self._layers_from_keep(info, blocks, [1.0])
-        lo, hi = k_min, 1.0
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            if g(mid) > target:
-                hi = mid
-            else:
-                lo = mid
+        lo, hi = bisect_budget(g, k_min, 1.0, target, iters=60, increasing=True)
         best = min((lo, hi), key=lambda k: abs(g(k) - target))
         if abs(g(best) - target) > 0.01 * target:
             raise InvalidPassConfigError(
@@ -423,95 +368,17 @@ class ZeroTPrune(Pass):
     def rewrite(self, gm: GraphModule, ctx: PassContext) -> GraphModule:
         sites = find_attention_sites(gm)
         image_shape = tuple(ctx.example_inputs[0].shape[1:])
-        info = ModelInfo.from_graph(gm, sites, image_shape)
+        info = ViTDims.from_graph(gm, sites, image_shape)
         plans, analytic = self.plan(gm, sites, info)           # all checks happen here, before editing
         layer_at = {lp.block: lp for lp in plans}
-        merge = self.mode == "merge" and self.importance == "wpr"     # cls/random have no S-stage pairs
-        first_gather: Optional[Node] = None
-        size: Optional[Node] = None                              # token sizes [B, N, 1] (merge mode)
-        g = gm.graph
+        rw = TokenRewrite(gm, info.tokens)
         for site in sites:
-            probs = None
             lp = layer_at.get(site.block_index)
-            if size is not None:                                 # proportional attention after a merge
-                # pruning layers read the probabilities: explicit there, fused SDPA elsewhere
-                add_size_bias(gm, site, size, keep_fused=lp is None or self.importance == "random")
-                probs = site.attn_probs if site.kind == "explicit" else None
-            if lp is None:
-                continue
-            out = site.block_output
-            own: list[Node] = []
-            tagged = False
-            with g.inserting_after(out):
-                if lp.n_out == lp.n_in:                          # removes nothing: identity gather only
-                    idx = sel = g.call_function(all_indices, (out,))
-                    own.append(idx)
-                elif self.importance == "random":                # needs no attention probabilities
-                    idx = sel = g.call_function(random_keep, (out,), dict(
-                        n_keep=lp.n_out, num_prefix=info.prefix, seed=self.seed + lp.block))
-                    own.append(idx)
-                else:
-                    probs = probs or make_explicit(gm, site)
-                    sel = g.call_function(select_tokens, (probs, site.k), dict(
-                        n_after_s=lp.n_after_s, n_keep=lp.n_out, num_prefix=info.prefix, iters=lp.iters,
-                        cls_init=self.cls_init, vmin=float(self.vmin), vmax=float(self.vmax), var_norm=self.var_norm,
-                        use_vhf=self.vhf, importance=self.importance, feature=self.feature, seed=self.seed + lp.block,
-                        return_merge=merge, merge_all=self._merges_dropped()))
-                    idx = sel
-            if merge and lp.n_out != lp.n_in:
-                with g.inserting_after(sel):
-                    kept = g.call_function(operator.getitem, (sel, 0))
-                with g.inserting_after(kept):
-                    src = g.call_function(operator.getitem, (sel, 1))
-                with g.inserting_after(src):
-                    dst = g.call_function(operator.getitem, (sel, 2))
-                if lp.r_s > 0 or (self._merges_dropped() and lp.r_i > 0):    # one tagged node: kept | src | dst
-                    with g.inserting_after(dst):
-                        packed = g.call_function(pack_selection, (kept, src, dst))
-                    with g.inserting_after(packed):
-                        idx = g.call_function(packed_kept, (packed, lp.n_out))
-                    tag_token_select(packed, block=lp.block, kind="merge", tokens_in=lp.n_in,
-                                     n_keep=lp.n_out, r_s=lp.r_s + (lp.r_i if self._merges_dropped() else 0))
-                    copy_source_meta(packed, out)
-                    tagged = True
-                else:                                            # nothing merged: a plain pruning layer
-                    with g.inserting_after(dst):
-                        idx = g.call_function(mark, (kept,))
-                cur = idx
-                if size is None:
-                    with g.inserting_after(cur):
-                        size = cur = g.call_function(unit_sizes, (out,))
-                    own.append(size)
-                with g.inserting_after(cur):
-                    merged = g.call_function(merge_tokens, (out, size, src, dst))
-                own.append(merged)
-                with g.inserting_after(merged):
-                    src_x = g.call_function(operator.getitem, (merged, 0))
-                with g.inserting_after(src_x):
-                    src_size = g.call_function(operator.getitem, (merged, 1))
-                with g.inserting_after(src_size):
-                    new_x = g.call_function(gather_tokens, (src_x, idx))
-                with g.inserting_after(new_x):
-                    size = g.call_function(gather_tokens, (src_size, idx))
-                extra = [kept, src, dst, src_x, src_size, size, merged]
-            else:
-                with g.inserting_after(idx):
-                    new_x = g.call_function(gather_tokens, (out, idx))
-                extra = []
-                if size is not None:                             # merge mode, layer that keeps all
-                    with g.inserting_after(new_x):
-                        size = g.call_function(gather_tokens, (size, idx))
-                    extra.append(size)
-            own.append(new_x)
-            if not tagged:
-                tag_token_select(idx, block=lp.block, kind="prune", tokens_in=lp.n_in)
-            for node in [sel, idx, new_x, *extra]:
-                copy_source_meta(node, out)
-            out.replace_all_uses_with(new_x, delete_user_cb=lambda u, _n=tuple(own): u not in _n)
-            first_gather = first_gather or new_x
-        if first_gather is not None:
-            relax_token_dim(gm, first_gather, info.tokens)
-            gm = recapture(gm, ctx.example_inputs)
+            # pruning layers read the probabilities: explicit there, fused SDPA elsewhere
+            rw.enter_block(site, keep_fused=lp is None or self.importance == "random")
+            if lp is not None:
+                self._insert_layer(rw, site, lp, info.prefix)
+        gm = rw.finish(ctx.example_inputs)
         rec = dict(
             prune_blocks=[lp.block for lp in plans],
             tokens_per_layer=[lp.n_out for lp in plans],
@@ -526,6 +393,90 @@ class ZeroTPrune(Pass):
             rec["kept_indices"] = [t.tolist() for t in kept_token_indices(gm, ctx.example_inputs[0])]
         ctx.record(**rec)
         return gm
+
+    def _merges(self) -> bool:
+        """Removed tokens are merged (``mode=merge``; ``cls``/``random`` have no S-stage pairs)."""
+        return self.mode == "merge" and self.importance == "wpr"
+
+    def _insert_layer(self, rw: TokenRewrite, site: AttentionSite, lp: LayerPlan, prefix: int) -> None:
+        """Insert one pruning layer after ``site``'s block output: the selection, then either the
+        merge and gather (merge variant) or the gather of the kept tokens."""
+        g, out = rw.graph, site.block_output
+        with g.inserting_after(out):
+            sel = self._selection(rw, site, lp, prefix)
+        if self._merges() and lp.n_out != lp.n_in:
+            new_x, idx, tagged, extra, own = self._merge_and_gather(rw, sel, out, lp)
+        else:
+            idx = sel
+            with g.inserting_after(idx):
+                new_x = g.call_function(gather_tokens, (out, idx))
+            extra, own, tagged = [], [sel], False
+            if rw.size is not None:                              # merge mode, layer that keeps all
+                with g.inserting_after(new_x):
+                    rw.size = g.call_function(gather_tokens, (rw.size, idx))
+                extra.append(rw.size)
+        own.append(new_x)
+        if not tagged:
+            tag_token_select(idx, block=lp.block, kind="prune", tokens_in=lp.n_in)
+        for node in [sel, idx, new_x, *extra]:
+            copy_source_meta(node, out)
+        rw.replace(out, new_x, own)
+
+    def _selection(self, rw: TokenRewrite, site: AttentionSite, lp: LayerPlan, prefix: int) -> Node:
+        """The node choosing the layer's tokens: kept indices ``[B, K]``, or ``(kept, src, dst)`` in
+        the merge variant (:func:`~vitprune.ops.zero_tprune_layer.select_tokens`)."""
+        g, out = rw.graph, site.block_output
+        if lp.n_out == lp.n_in:                                  # removes nothing: identity gather only
+            return g.call_function(all_indices, (out,))
+        if self.importance == "random":                          # needs no attention probabilities
+            return g.call_function(random_keep, (out,), dict(n_keep=lp.n_out, num_prefix=prefix,
+                                                              seed=self.seed + lp.block))
+        probs = make_explicit(rw.gm, site)
+        return g.call_function(select_tokens, (probs, site.k), dict(
+            n_after_s=lp.n_after_s, n_keep=lp.n_out, num_prefix=prefix, iters=lp.iters,
+            cls_init=self.cls_init, vmin=float(self.vmin), vmax=float(self.vmax), var_norm=self.var_norm,
+            use_vhf=self.vhf, importance=self.importance, feature=self.feature, seed=self.seed + lp.block,
+            return_merge=self._merges(), merge_all=self._merges_dropped()))
+
+    def _merge_and_gather(self, rw: TokenRewrite, sel: Node, out: Node, lp: LayerPlan):
+        """Merge variant: split ``(kept, src, dst)``, tag the packed selection when something is
+        merged, merge size-weighted (:func:`~vitprune.ops.merge.merge_tokens`) and gather the kept
+        tokens and sizes. Returns ``(new_x, idx, tagged, extra nodes, own nodes)``."""
+        g = rw.graph
+        with g.inserting_after(sel):
+            kept = g.call_function(operator.getitem, (sel, 0))
+        with g.inserting_after(kept):
+            src = g.call_function(operator.getitem, (sel, 1))
+        with g.inserting_after(src):
+            dst = g.call_function(operator.getitem, (sel, 2))
+        merged_pairs = lp.r_s + (lp.r_i if self._merges_dropped() else 0)
+        if merged_pairs > 0:                                     # one tagged node: kept | src | dst
+            with g.inserting_after(dst):
+                packed = g.call_function(pack_selection, (kept, src, dst))
+            with g.inserting_after(packed):
+                idx = g.call_function(packed_kept, (packed, lp.n_out))
+            tag_token_select(packed, block=lp.block, kind="merge", tokens_in=lp.n_in, n_keep=lp.n_out, r_s=merged_pairs)
+            copy_source_meta(packed, out)
+        else:                                                    # nothing merged: a plain pruning layer
+            with g.inserting_after(dst):
+                idx = g.call_function(mark, (kept,))
+        cur, own = idx, []
+        if rw.size is None:
+            with g.inserting_after(cur):
+                cur = rw.unit_sizes(out)
+            own.append(cur)
+        with g.inserting_after(cur):
+            merged = g.call_function(merge_tokens, (out, rw.size, src, dst))
+        own.append(merged)
+        with g.inserting_after(merged):
+            src_x = g.call_function(operator.getitem, (merged, 0))
+        with g.inserting_after(src_x):
+            src_size = g.call_function(operator.getitem, (merged, 1))
+        with g.inserting_after(src_size):
+            new_x = g.call_function(gather_tokens, (src_x, idx))
+        with g.inserting_after(new_x):
+            rw.size = g.call_function(gather_tokens, (src_size, idx))
+        return new_x, idx, merged_pairs > 0, [kept, src, dst, src_x, src_size, rw.size, merged], own
 
 
 def all_indices(x: torch.Tensor) -> torch.Tensor:
@@ -565,7 +516,7 @@ def default_prune_blocks(depth: int, n_layers: Optional[int] = None) -> list[int
     return sorted(set(blocks))
 
 
-def tokens_per_block(info: ModelInfo, plans: list[LayerPlan]) -> list[int]:
+def tokens_per_block(info: ViTDims, plans: list[LayerPlan]) -> list[int]:
     """Tokens (prefix included) entering each block."""
     n_at = [info.tokens] * info.depth
     for lp in plans:
@@ -608,4 +559,4 @@ def kept_token_indices(module, x: torch.Tensor) -> list[torch.Tensor]:
     return result
 
 
-__all__ = ["ZeroTPrune", "LayerPlan", "ModelInfo", "kept_token_indices", "default_prune_blocks", "PRESETS"]
+__all__ = ["ZeroTPrune", "LayerPlan", "ViTDims", "kept_token_indices", "default_prune_blocks", "PRESETS"]
