@@ -134,13 +134,21 @@ def _viz_args(p):
 @command("viz", _viz_args)
 def cmd_viz(args) -> int:
     """Draw which patches each pruning / merging layer keeps for one image (PNG)."""
+    from PIL import Image
+
+    from . import compile as vp_compile
     from .eval.viz import kept_token_map
-    from .models import load_model
+    from .models import eval_transform, load_model
 
     if not args.passes:
         raise ValueError("viz needs at least one token pass, e.g. --pass zero-tprune:target_gmacs=0.96")
     model = load_model(args.model, args.weights)
-    res = kept_token_map(model, args.image, args.passes, args.out)
+    with Image.open(args.image) as img:
+        x = eval_transform(model)(img.convert("RGB")).unsqueeze(0)
+    compiled = vp_compile(model, passes=args.passes, example_inputs=x, progress=False)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    res = kept_token_map(compiled, x, args.out, **{k: cfg[k] for k in ("mean", "std") if k in cfg},
+                         title=f"{' '.join(args.passes)}: {compiled.report.gmacs_after:.3f} GMACs")
     if not res["layers"]:
         raise ValueError(f"the passes {args.passes} prune or merge no tokens; nothing to draw")
     print(f"wrote {res['out']}: {len(res['layers'])} layers, {res['gmacs']:.3f} GMACs")

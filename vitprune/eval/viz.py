@@ -160,30 +160,32 @@ def unnormalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) ->
     return (x * s + m).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def kept_token_map(model, image_path: str, passes: Sequence, out: str, title: Optional[str] = None) -> dict:
-    """Compile ``model`` with ``passes``, run it on one image file and draw its kept-token map.
+def kept_token_map(compiled, x: torch.Tensor, out: str, mean: Sequence[float] = (0.485, 0.456, 0.406),
+                   std: Sequence[float] = (0.229, 0.224, 0.225), title: Optional[str] = None) -> dict:
+    """Run a compiled (token-reduced) model on one image and draw its kept-token map.
+
+    Args:
+        compiled: a ``CompiledModule`` (or a GraphModule) after token passes.
+        x: ``[1, 3, H, W]`` the transformed image.
+        out: PNG path.
+        mean, std: the normalisation of ``x`` (to draw the image as the network saw it).
+        title: figure title; default: the passes and GMACs of ``compiled``.
 
     Returns:
         ``{"out": PNG path, "layers": [{"block", "kind", "group": [N0] (see :func:`token_groups`),
         "tokens": tokens left}], "gmacs": float}``.
     """
-    from PIL import Image
-
-    from .. import compile as vp_compile
     from ..ir.match import find_attention_sites
-    from ..models import eval_transform
 
-    transform = eval_transform(model)
-    with Image.open(image_path) as img:
-        x = transform(img.convert("RGB")).unsqueeze(0)
-    compiled = vp_compile(model, passes=list(passes), example_inputs=x, progress=False)
-    prefix = find_attention_sites(compiled.graph_module)[0].num_prefix_tokens
-    layers = token_groups(compiled, x)
-    cfg = getattr(model, "pretrained_cfg", {}) or {}
-    image = unnormalise(x[0], cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225)))
+    gm = getattr(compiled, "graph_module", compiled)
+    report = getattr(compiled, "report", None)
+    prefix = find_attention_sites(gm)[0].num_prefix_tokens
+    layers = token_groups(gm, x)
+    gm_after = report.gmacs_after if report is not None else None
     if title is None:
-        title = f"{' '.join(str(p) for p in passes)}: {compiled.report.gmacs_after:.3f} GMACs"
-    draw_kept_tokens(image, layers, out, num_prefix=prefix, title=title)
-    return {"out": out, "gmacs": compiled.report.gmacs_after,
+        specs = " ".join(p.spec() for p in getattr(compiled, "passes", []))
+        title = f"{specs}: {gm_after:.3f} GMACs" if gm_after is not None else specs
+    draw_kept_tokens(unnormalise(x[0], mean, std), layers, out, num_prefix=prefix, title=title)
+    return {"out": out, "gmacs": gm_after,
             "layers": [{"block": L["block"], "kind": L["kind"], "group": L["group"][0].tolist(),
                         "tokens": int(len(torch.unique(L["group"][0][L["group"][0] >= 0])))} for L in layers]}

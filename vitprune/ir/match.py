@@ -14,7 +14,7 @@ from __future__ import annotations
 
 
 import operator
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 from torch.fx import GraphModule, Node
@@ -333,16 +333,6 @@ def find_attention_sites(gm: GraphModule) -> list[AttentionSite]:
     return sites
 
 
-def iter_nodes_after(gm: GraphModule, node: Node) -> Iterable[Node]:
-    """Nodes that come after ``node`` in the graph's (topological) order."""
-    seen = False
-    for n in gm.graph.nodes:
-        if seen:
-            yield n
-        if n is node:
-            seen = True
-
-
-__all__ = ["find_attention_sites", "module_path", "iter_nodes_after", "VIEW_OPS"]
+__all__ = ["find_attention_sites", "module_path", "sdpa_scale", "VIEW_OPS"]
 
 

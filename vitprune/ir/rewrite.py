@@ -1,6 +1,6 @@
 """Small graph-editing helpers shared by passes.
 
-* :func:`set_param` / :func:`get_attr_node`: add or replace parameters of a GraphModule.
+* :func:`set_param`: add or replace parameters of a GraphModule.
 * :func:`relax_token_dim`: after a pass changes the token count at some node, make every
   downstream reshape/view infer the token dimension (``-1``) instead of the captured literal.
 * :func:`drop_trivial_masks`: remove all-allowed attention masks (Hugging Face builds an
@@ -35,12 +35,6 @@ def set_param(gm: GraphModule, qualname: str, tensor: torch.Tensor) -> None:
     if leaf in mod._buffers:
         del mod._buffers[leaf]
     mod.register_parameter(leaf, nn.Parameter(tensor.detach().clone(), requires_grad=False))
-
-
-def get_attr_node(gm: GraphModule, qualname: str, before: Node) -> Node:
-    """A ``get_attr`` node for ``qualname`` inserted before ``before``."""
-    with gm.graph.inserting_before(before):
-        return gm.graph.get_attr(qualname)
 
 
 def copy_source_meta(node: Node, src: Node) -> Node:
