@@ -61,29 +61,7 @@ Merge variant (``mode="merge"``, the default; ``mode="prune"`` is the paper's dr
     S-stage and ``merge_all`` does not apply: nothing is merged, they stay pure pruning in
     either mode.
 
-Defaults and how they were chosen (first 250 sample images, KL divergence to the unpruned
-DeiT-T at 0.85 GMACs unless stated; confirmed on the other 250): ``mode="merge"`` (halves the
-KL divergence to the unpruned model at the same GMACs compared with the paper's dropping, and
-is what meets the accuracy targets); ``merge_all=True``: chosen on the first 250 images by
-KL and top-1 agreement, confirmed on the last 250 (mostly objects there vs mostly animals):
-lower KL and higher agreement at 0.96 / 0.85 / 0.75 GMACs on both halves. All 500 images
-(benchmarks/token_accuracy_vs_gmacs.py), ``merge_all=True`` vs ``False`` vs ToMe: KL
-0.010/0.025/0.058 vs 0.016/0.033/0.071 vs 0.025/0.049/0.075; agreement 95.8/94.4/90.8 vs
-94.4/92.6/90.2 vs 94.6/91.2/90.4 %; top-1 78.6/76.8/76.2 vs 78.6/77.4/76.0 vs 77.6/77.0/77.0 %
-(top-1 differences of 1-4 images are within noise; KL and agreement are the lower-variance
-measures of fidelity). Per half (top-1 / agreement / KL, ``merge_all`` vs not): first 250
-images 0.96 GMACs 80.8/98.4/0.0067 vs 81.6/96.8/0.0100, 0.85: 80.0/97.2/0.0188 vs
-81.2/96.4/0.0219, 0.75: 81.6/94.8/0.0387 vs 79.6/94.0/0.0520; last 250: 0.96
-76.4/93.2/0.0140 vs 75.6/92.0/0.0218, 0.85 73.6/91.6/0.0308 vs 73.6/88.8/0.0440, 0.75
-70.8/86.8/0.0775 vs 72.4/86.4/0.0896 (these numbers were measured with the earlier pruning
-layers after 0-based blocks 3/6/9). Pruning layers after blocks 3/5/7/9 were chosen with
-``merge_all`` (see :func:`default_prune_blocks`). The following were chosen before
-``merge_all`` existed (S pairs merged, I-stage tokens dropped); ``rs_ratio`` was re-checked with
-``merge_all`` on the last 250 images (0.5 / 0.7 / 0.85 / 1.0 within noise, KL 0.073-0.078 at
-0.75 GMACs): ``rs_ratio=0.7`` (merge: 0.021 vs 0.030 at 0.5 and
-0.024 at 1.0; prune: 0.055 vs 0.057 at 0.5, 0.079 with no S-stage); WPR iterations 30/5/1 as
-in the paper (1/1/1 and 30/30/30 were within noise); VHF ``mean1`` in [0.01, 0.7];
-``cls_init=True``.
+How the defaults were chosen, with the numbers: docs/decisions.md ("Zero-TPrune").
 """
 
 from __future__ import annotations
@@ -493,21 +471,8 @@ def default_prune_blocks(depth: int, n_layers: Optional[int] = None) -> list[int
     ``prune_blocks``): that many layers evenly spaced, the first after a quarter of the depth
     (``[3, 6, 9]`` for 3 of 12).
 
-    How it was chosen (real DeiT-T, merge variant with ``merge_all``,
-    benchmarks/token_accuracy_vs_gmacs.py; KL(unpruned || pruned) at 0.96 / 0.85 / 0.75
-    GMACs on the 500 sample images): ``[3, 5, 7, 9]`` 0.0086 / 0.0221 / 0.0548 against
-    0.0100 / 0.0250 / 0.0580 for the earlier ``[3, 6, 9]``, lower on the first 250 images
-    (0.0060 / 0.0166 / 0.0375 vs 0.0067 / 0.0188 / 0.0387) and on the last 250 (0.85 and 0.75:
-    0.0277 / 0.0721 vs 0.0308 / 0.0775) alike. Starting earlier loses: every block ``1..10``
-    or ``[2, 4, 6, 8, 10]`` gave 0.057 / 0.051 at 0.75 on the first 250 images: attention
-    before block 3 is not yet informative. Denser is better still (every block ``3..10``:
-    0.0075 / 0.0196 / 0.0449) but each pruning layer costs an explicit attention, WPR, ranks and
-    gathers: DeiT-S ``preset=a`` at batch 32, 1 thread, ran 1.41x unpruned with 8 layers against
-    1.43-1.49x with 4-5 (1.43x twice for ``[3, 5, 7, 9]``, 11 rounds) and 1.50-1.56x with
-    ``[3, 6, 9]`` (the GMACs ratio is 1.55; run-to-run noise on this 2-core VM is about ±5 %).
-    Four layers is the accuracy default (``target_gmacs``, ``keep``/``counts`` of one value);
-    the presets, the paper's throughput configurations, use the three of ``n_layers=3``. Give
-    ``prune_blocks`` for other trade-offs.
+    Four layers is the accuracy default; the presets, the paper's throughput configurations,
+    use three (``n_layers=3``). Why: docs/decisions.md ("Pruning layers after blocks 3/5/7/9").
     """
     if n_layers is None:
         return list(range(depth // 4, max(depth - 2, depth // 4 + 1), 2))
