@@ -45,13 +45,14 @@ class ImageFolder(Dataset):
     Args:
         root: folder with ``<synset>_*.JPEG`` files and ``synsets.txt``.
         transform: PIL image -> tensor (e.g. timm's eval transform for the model).
-        limit: use only the first ``limit`` images (sorted by file name).
+        limit: use only the first ``limit`` images (sorted by file name) after ``offset``.
+        offset: skip the first ``offset`` images (e.g. the calibration images of the same folder).
 
     Raises:
         DataError: missing folder, missing ``synsets.txt``, or no labelled images.
     """
 
-    def __init__(self, root: str, transform: Callable, limit: Optional[int] = None):
+    def __init__(self, root: str, transform: Callable, limit: Optional[int] = None, offset: int = 0):
         if not os.path.isdir(root):
             raise DataError(f"data folder {root} does not exist")
         self.root = root
@@ -62,8 +63,7 @@ class ImageFolder(Dataset):
         if not self.samples:
             raise DataError(f"no labelled images in {root}: expected files named <synset>_<name>.JPEG whose synset "
                             "is listed in synsets.txt")
-        if limit is not None:
-            self.samples = self.samples[:limit]
+        self.samples = self.samples[offset:offset + limit if limit is not None else None]
         self.skipped: list[str] = []
 
     def __len__(self) -> int:
