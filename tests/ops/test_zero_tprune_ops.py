@@ -17,7 +17,7 @@ from vitprune.ops.head_filter import eir_vhf, head_variance
 from vitprune.ops.similarity import key_features, partition_sizes, s_stage
 from vitprune.ops.token_select import gather_attention, gather_tokens, rank_desc, topk_keep
 from vitprune.ops.wpr import wpr
-from vitprune.ops.zero_tprune_layer import select_tokens
+from vitprune.ops.zero_tprune_layer import cls_keep, random_keep, select_tokens
 
 torch.set_num_threads(1)
 SETTINGS = dict(max_examples=40, deadline=None)
@@ -239,13 +239,21 @@ def test_select_tokens_properties(b, h, n, p, seed, data, importance):
     n_keep = data.draw(st.integers(p + 1, n - r_s))
     attn = random_attention(b, h, n, seed, temp=2.0)
     keys = torch.randn(b, h, n, 4, generator=torch.Generator().manual_seed(seed + 1))
-    kw = dict(n_after_s=n - r_s, n_keep=n_keep, num_prefix=p, iters=3, importance=importance)
-    idx = select_tokens(attn, keys, **kw)
+    if importance == "wpr":
+        def select(a, k):
+            return select_tokens(a, k, n_after_s=n - r_s, n_keep=n_keep, num_prefix=p, iters=3)
+    elif importance == "cls":
+        def select(a, k):
+            return cls_keep(a, n_keep, p)
+    else:
+        def select(a, k):
+            return random_keep(k[:, 0], n_keep, p, seed=3)
+    idx = select(attn, keys)
     assert idx.shape == (b, n_keep) and idx.dtype == torch.int64
     assert torch.equal(idx[:, :p], torch.arange(p).expand(b, p))
     assert bool((idx[:, 1:] > idx[:, :-1]).all())                        # ascending, distinct
     for i in range(b):                                                   # each sample alone
-        assert torch.equal(select_tokens(attn[i:i + 1], keys[i:i + 1], **kw), idx[i:i + 1])
+        assert torch.equal(select(attn[i:i + 1], keys[i:i + 1]), idx[i:i + 1])
 
 
 def test_select_tokens_wpr_without_s_stage_is_topk_of_eir():

@@ -5,12 +5,12 @@ Source: ALGORITHMS.md §1b Step 5 (our rendering of the paper's algorithm). The 
 output and gathers the kept tokens with :func:`vitprune.ops.token_select.gather_tokens`; the
 graph is then re-exported, which unrolls everything below into standard ATen ops.
 
-Importance variants sharing the plumbing (baselines asked for by the issue):
+One function per importance (the pass picks one; nothing branches on an option string here):
 
-* ``"wpr"``: Zero-TPrune (I′ -> S -> I with WPR + EIR/VHF).
-* ``"cls"``: CLS-attention top-k (EViT/ATS signal): mean over heads of the attention the
+* :func:`select_tokens`: Zero-TPrune (I′ -> S -> I with WPR + EIR/VHF).
+* :func:`cls_keep`: CLS-attention top-k (EViT/ATS signal): mean over heads of the attention the
   prefix tokens pay to each token; no S-stage (``r_S`` is added to ``r_I``).
-* ``"random"``: random dropping. The scores are a fixed pseudo-random permutation of token
+* :func:`random_keep`: random dropping. The scores are a fixed pseudo-random permutation of token
   positions drawn from ``seed`` at trace time (a graph constant), so the kept positions are
   random but the same for every image; no S-stage.
 
@@ -29,9 +29,7 @@ from .similarity import key_features, s_stage
 from .token_select import gather_attention, gather_tokens, rank_desc, select_lowest, topk_keep
 from .wpr import wpr
 
-__all__ = ["select_tokens", "random_keep", "IMPORTANCES"]
-
-IMPORTANCES = ("wpr", "cls", "random")
+__all__ = ["select_tokens", "cls_keep", "random_keep"]
 
 
 def _random_scores(b: int, n: int, seed: int, device) -> torch.Tensor:
@@ -46,12 +44,19 @@ def random_keep(x: torch.Tensor, n_keep: int, num_prefix: int, seed: int = 0) ->
     return topk_keep(_random_scores(x.shape[0], x.shape[1], seed, x.device), n_keep, num_prefix)
 
 
+def cls_keep(attn: torch.Tensor, n_keep: int, num_prefix: int) -> torch.Tensor:
+    """CLS-attention top-k (the EViT/ATS signal): ``[B, n_keep]`` kept indices, prefix first, by the
+    mean over heads of the attention the prefix tokens pay to each token of ``attn [B, H, N, N]``."""
+    imp = attn[:, :, :max(num_prefix, 1), :].float().mean(dim=(1, 2))          # [B, N]
+    return topk_keep(imp, n_keep, num_prefix)
+
+
 def select_tokens(attn: torch.Tensor, keys: torch.Tensor, n_after_s: int, n_keep: int, num_prefix: int,
                   iters: int = 5, cls_init: bool = True, vmin: float = 0.01, vmax: float = 0.7,
-                  var_norm: str = "mean1", use_vhf: bool = True, importance: str = "wpr",
-                  feature: str = "concat", seed: int = 0, pre_iters: int = 1, return_merge: bool = False,
+                  var_norm: str = "mean1", use_vhf: bool = True,
+                  feature: str = "concat", pre_iters: int = 1, return_merge: bool = False,
                   merge_all: bool = False):
-    """Indices of the tokens a pruning layer keeps.
+    """Indices of the tokens a Zero-TPrune pruning layer keeps (I′ -> S -> I stages, ALGORITHMS.md §1b).
 
     Args:
         attn: ``[B, H, N, N]`` attention probabilities of the block before the layer.
@@ -62,9 +67,7 @@ def select_tokens(attn: torch.Tensor, keys: torch.Tensor, n_after_s: int, n_keep
         iters: WPR iterations of the final I-stage.
         cls_init: CLS starts ``sqrt(N)`` times larger in WPR.
         vmin, vmax, var_norm, use_vhf: VHF band and variance scale (:mod:`.head_filter`).
-        importance: ``"wpr"``, ``"cls"`` or ``"random"`` (module docstring).
         feature: S-stage key feature, ``"concat"`` or ``"mean"``.
-        seed: seed of the ``"random"`` variant.
         pre_iters: WPR iterations of the I′ pre-ranking (1 in the paper).
         return_merge: also return the S-stage pairs (merge variant).
         merge_all: with ``return_merge``, also pair every I-stage-removed token with its most
@@ -83,13 +86,6 @@ def select_tokens(attn: torch.Tensor, keys: torch.Tensor, n_after_s: int, n_keep
     if n_keep == n:                                                    # keeps everything: identity
         kept = torch.arange(n, device=attn.device).unsqueeze(0).expand(b, n)
         return (kept, none, none) if return_merge else kept
-    if importance == "random":
-        return topk_keep(_random_scores(b, n, seed, attn.device), n_keep, num_prefix)
-    if importance == "cls":
-        imp = attn[:, :, :max(num_prefix, 1), :].float().mean(dim=(1, 2))          # [B, N]
-        return topk_keep(imp, n_keep, num_prefix)
-    if importance != "wpr":
-        raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
     kw = dict(vmin=vmin, vmax=vmax, var_norm=var_norm, use_vhf=use_vhf)
     ninit = max(num_prefix, 1) if cls_init else 0
     kept, src, dst = None, none, none

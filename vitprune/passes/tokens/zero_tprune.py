@@ -85,7 +85,7 @@ from ...ops.similarity import partition_sizes, s_stage_macs
 from ...ops.token_select import gather_tokens
 from ...ops.merge import mark, merge_tokens, pack_selection, packed_kept
 from ...ops.wpr import wpr_macs
-from ...ops.zero_tprune_layer import random_keep, select_tokens
+from ...ops.zero_tprune_layer import cls_keep, random_keep, select_tokens
 from ..base import Pass, PassContext, register_pass
 from .skeleton import TokenRewrite
 
@@ -402,7 +402,8 @@ class ZeroTPrune(Pass):
 
     def _selection(self, rw: TokenRewrite, site: AttentionSite, lp: LayerPlan, prefix: int) -> Node:
         """The node choosing the layer's tokens: kept indices ``[B, K]``, or ``(kept, src, dst)`` in
-        the merge variant (:func:`~vitprune.ops.zero_tprune_layer.select_tokens`)."""
+        the merge variant (:func:`~vitprune.ops.zero_tprune_layer.select_tokens`; the ``cls`` and
+        ``random`` baselines: :func:`~vitprune.ops.zero_tprune_layer.cls_keep`, ``random_keep``)."""
         g, out = rw.graph, site.block_output
         if lp.n_out == lp.n_in:                                  # removes nothing: identity gather only
             return g.call_function(all_indices, (out,))
@@ -410,11 +411,12 @@ class ZeroTPrune(Pass):
             return g.call_function(random_keep, (out,), dict(n_keep=lp.n_out, num_prefix=prefix,
                                                               seed=self.seed + lp.block))
         probs = make_explicit(rw.gm, site)
+        if self.importance == "cls":
+            return g.call_function(cls_keep, (probs,), dict(n_keep=lp.n_out, num_prefix=prefix))
         return g.call_function(select_tokens, (probs, site.k), dict(
             n_after_s=lp.n_after_s, n_keep=lp.n_out, num_prefix=prefix, iters=lp.iters,
             cls_init=self.cls_init, vmin=float(self.vmin), vmax=float(self.vmax), var_norm=self.var_norm,
-            use_vhf=self.vhf, importance=self.importance, feature=self.feature, seed=self.seed + lp.block,
-            return_merge=self._merges(), merge_all=self._merges_dropped()))
+            use_vhf=self.vhf, feature=self.feature, return_merge=self._merges(), merge_all=self._merges_dropped()))
 
     def _merge_and_gather(self, rw: TokenRewrite, sel: Node, out: Node, lp: LayerPlan):
         """Merge variant: split ``(kept, src, dst)``, tag the packed selection when something is
