@@ -4,7 +4,6 @@
   an eval transform -> ``[n, 3, H, W]``; warns when the folder has fewer, raises when none.
 * :func:`grab`: run a captured graph on a batch with a ``torch.fx.Interpreter`` and return
   the values of the requested nodes only, stopping after the last one (nothing else kept).
-* :func:`iter_batches`: split the calibration tensor into batches, with a tqdm bar.
 * :func:`augment_views`: deterministic extra views of the calibration images (horizontal flip,
   corner crops at the eval transform's crop fraction), grouped so that all views of an image
   fall in the same batch.
@@ -17,7 +16,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch.fx import GraphModule, Node
@@ -183,14 +182,3 @@ def grab(gm: GraphModule, x: torch.Tensor, nodes: Sequence[Node], given: Optiona
                 continue
             env[n] = interp.run_node(n)
     return {n: env[n] for n in nodes}
-
-
-def iter_batches(images: torch.Tensor, batch_size: int = 16, progress: bool = False, desc: str = "calibration") -> Iterable[torch.Tensor]:
-    """Yield ``images[i:i+batch_size]`` with an optional tqdm progress bar."""
-    starts = range(0, images.shape[0], batch_size)
-    if progress:
-        from tqdm import tqdm
-
-        starts = tqdm(starts, desc=desc, leave=False)
-    for s in starts:
-        yield images[s:s + batch_size]

@@ -230,6 +230,9 @@ def test_config_json_round_trip_and_specs():
     ("snp:fc1=0.1;1.5", r"fc1\[1\]=1.5"),
     ("snp:preset=deit-xl", "unknown preset"),
     ("snp:criterion=l2", "criterion"),
+    ("snp:ratio=0.1,shrink=ones", "shrink"),
+    ("head-prune:heads=1,token_weight=fisher", "token_weight"),
+    ("head-prune:heads=1,ratio=0.2", "no option 'ratio'"),
     ("snp:ratio=0.1,preset=deit-s", "only one of"),
     ("head-prune:heads=-1", "non-negative"),
 ])
@@ -246,6 +249,22 @@ def test_ratio_leaving_zero_neurons_names_block():
 def test_head_prune_all_heads_rejected():
     with pytest.raises(InvalidPassConfigError, match="has 3 heads; removing 3"):
         vitprune.compile(tiny(depth=1), ["head-prune:heads=3"], example_inputs=X, calibration=CAL, progress=False)
+
+
+def test_head_prune_config_saved_with_the_inherited_snp_options_still_loads():
+    """Before head-prune composed the shared options it carried SNP's planning options (at these values)."""
+    old = {"pass": "head-prune", "heads": 2, "preset": None, "ratio": None, "qk": None, "v": None, "fc1": None,
+           "embed": 0.0, "target_gmacs": None, "criterion": "activation", "allocation": "uniform", "round_to": None,
+           "mix": None, "blend": 1.0, "augment": "none", "token_weight": "none"}
+    assert Pass.from_config(old) == parse_pass_spec("head-prune:heads=2")
+    with pytest.raises(InvalidPassConfigError, match="no option 'ratio'"):
+        Pass.from_config({**old, "ratio": 0.5})
+
+
+def test_calibration_of_another_size_rejected():
+    with pytest.raises(InvalidPassConfigError, match=r"calibration images are \(112, 112\) pixels but the model's input is \(224, 224\)"):
+        vitprune.compile(tiny(depth=1), ["snp:ratio=0.1"], example_inputs=X, calibration=CAL[:, :, :112, :112],
+                         progress=False)
 
 
 def test_missing_calibration_rejected():

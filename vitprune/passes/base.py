@@ -101,15 +101,23 @@ def _lookup(name: Optional[str]) -> type[Pass]:
 
 def _instantiate(cls: type[Pass], kwargs: dict) -> Pass:
     names = {f.name for f in dataclasses.fields(cls)}
+    # options a pass no longer has, still accepted (and ignored) at the value they always had
+    retired = getattr(cls, "retired_options", {})
+    kwargs = {k: v for k, v in kwargs.items() if not (k in retired and k not in names and v == retired[k])}
     unknown = sorted(set(kwargs) - names)
     if unknown:
-        raise InvalidPassConfigError(
-            f"pass '{cls.name}' has no option {', '.join(repr(u) for u in unknown)}; "
-            f"valid options: {', '.join(sorted(names)) or '(none)'}"
-        )
+        _no_option(cls, unknown)
     p = cls(**kwargs)
     p.validate()
     return p
+
+
+def _no_option(cls: type[Pass], unknown: list) -> None:
+    names = {f.name for f in dataclasses.fields(cls)}
+    raise InvalidPassConfigError(
+        f"pass '{cls.name}' has no option {', '.join(repr(u) for u in unknown)}; "
+        f"valid options: {', '.join(sorted(names)) or '(none)'}"
+    )
 
 
 def _convert(text: str, annotation) -> Any:
@@ -126,6 +134,10 @@ def _convert(text: str, annotation) -> Any:
                 return _convert(text, a)
             except (ValueError, TypeError):
                 continue
+        raise ValueError(text)
+    if origin is typing.Literal:
+        if text in args:
+            return text
         raise ValueError(text)
     if annotation is bool:
         if text.lower() in ("1", "true", "yes", "on"):
@@ -164,10 +176,13 @@ def parse_pass_spec(spec: str) -> Pass:
         if not eq:
             raise InvalidPassConfigError(f"pass spec '{spec}': '{item}' is not key=value")
         if key not in hints or key.startswith("_") or key == "name":
-            _instantiate(cls, {key: None})  # raises the standard unknown-key message
+            _no_option(cls, [key])
         try:
             kwargs[key] = _convert(value, hints[key])
         except (ValueError, TypeError, json.JSONDecodeError):
+            if typing.get_origin(hints[key]) is typing.Literal:
+                raise InvalidPassConfigError(f"pass '{name}': option {key}={value!r} is not one of "
+                                             f"{', '.join(map(str, typing.get_args(hints[key])))}") from None
             raise InvalidPassConfigError(
                 f"pass '{name}': option {key}={value!r} is not a valid {getattr(hints[key], '__name__', hints[key])}"
             ) from None
