@@ -135,7 +135,16 @@ def _direct_residual(site: AttentionSite, lin: Node, res: Node) -> bool:
 class _Stream:
     """Per calibration batch, the residual stream entering the current block, for the original
     graph and the graph being pruned (one layer's activations: bounded by the calibration set
-    itself, never one tensor per layer)."""
+    itself, never one tensor per layer).
+
+    Token reduction before SNP (Zero-TPrune, ToMe) picks tokens from the activations, so the
+    graph being pruned would keep or merge other tokens than the original one, and the refit
+    targets (original residual stream minus the pruned model's skip input) would pair rows of
+    different tokens: a fit of noise that memorises the calibration images. The pruned graph
+    therefore runs with the original graph's integer and boolean values (token indices, matchings,
+    masks: everything a selection is made of; a few ``[B, K]`` tensors per batch) on every
+    calibration batch, so both streams hold the same tokens row for row.
+    """
 
     def __init__(self, gm, work, calibration, batch_size, sequential):
         self.gm, self.work, self.sequential = gm, work, sequential
@@ -143,17 +152,44 @@ class _Stream:
         self.node_o = self.node_w = None
         self.h_o = [None] * len(self.batches)
         self.h_w = [None] * len(self.batches)
+        self._pos = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self._select = [n for n in gm.graph.nodes if _is_index(n)]  # original graph's token selections
+        self.selected = [{} for _ in self.batches]  # per batch: node name -> the original's selection
+        self._memo = [{} for _ in self.batches]  # per batch: original-graph values of the current block
+        self._given_w = [{} for _ in self.batches]  # per batch: extra pruned-graph values still valid
 
     def _given(self, node, h, i):
         return {node: h[i]} if node is not None and h[i] is not None else {}
 
     def orig(self, i, nodes):
-        return grab(self.gm, self.batches[i], nodes, self._given(self.node_o, self.h_o, i))
+        memo = self._memo[i]
+        if all(n in memo for n in nodes):
+            return {n: memo[n] for n in nodes}
+        last = max(self._pos[n] for n in nodes)
+        sel = [n for n in self._select if n.name not in self.selected[i] and self._pos[n] < last]
+        out = grab(self.gm, self.batches[i], list(nodes) + sel, self._given(self.node_o, self.h_o, i))
+        for n in sel:
+            self.selected[i][n.name] = out[n]
+        return {n: out[n] for n in nodes}
 
-    def pruned(self, i, nodes):
+    def prefetch(self, nodes):
+        """Compute the original graph's ``nodes`` (of the current block) once for every batch."""
+        for i in range(len(self.batches)):
+            self._memo[i] = self.orig(i, nodes)
+
+    def pruned(self, i, nodes, keep=()):
+        """Values of ``nodes`` in the graph being pruned; those in ``keep`` stay given until the
+        stream advances (activations the next surgery does not change)."""
         if not self.sequential:
             raise RuntimeError("pruned activations are not used in non-sequential mode")
-        return grab(self.work, self.batches[i], nodes, self._given(self.node_w, self.h_w, i))
+        given = self._given(self.node_w, self.h_w, i)
+        if self.selected[i]:
+            by_name = {n.name: n for n in self.work.graph.nodes}
+            given.update({by_name[k]: v for k, v in self.selected[i].items() if k in by_name})
+        given.update(self._given_w[i])
+        out = grab(self.work, self.batches[i], nodes, given)
+        self._given_w[i].update({n: out[n] for n in keep})
+        return out
 
     def advance(self, node_o, node_w):
         """Move both streams to the inputs of the next block."""
@@ -161,13 +197,20 @@ class _Stream:
             ho = self.orig(i, [node_o])[node_o]
             hw = self.pruned(i, [node_w])[node_w] if self.sequential else None
             self.h_o[i], self.h_w[i] = ho, hw
+            self._memo[i], self._given_w[i] = {}, {}
         self.node_o, self.node_w = node_o, node_w
+
+
+def _is_index(node: Node) -> bool:
+    """True for a computed integer or boolean tensor (indices, masks)."""
+    val = node.meta.get("val")
+    return (node.op == "call_function" and isinstance(val, torch.Tensor) and not val.dtype.is_floating_point
+            and not val.dtype.is_complex)
 
 
 def prune_blocks(gm: GraphModule, calibration: torch.Tensor, plans: list[BlockPlan], opts: RecoveryOptions,
                  criterion: Criterion = "activation", views: int = 1, scores: Optional[list] = None,
-                 progress: bool = False, on_block: Optional[Callable[[int], None]] = None
-                 ) -> tuple[GraphModule, list[dict]]:
+                 on_block: Optional[Callable[[int], None]] = None) -> tuple[GraphModule, list[dict]]:
     """Prune every block of a copy of ``gm`` to ``plans`` (one per attention site).
 
     Args:
@@ -181,6 +224,7 @@ def prune_blocks(gm: GraphModule, calibration: torch.Tensor, plans: list[BlockPl
             and heads go by their pair scores (or, with ``fisher``, by ``scores``).
         scores: per-block Fisher scores (:class:`vitprune.passes.snp.sensitivity.BlockScores`),
             needed by ``criterion="fisher"`` and used by ``token_weight="fisher"``.
+        on_block: called with the block index after each block (progress).
 
     Returns:
         the pruned graph (cleaned, NOT re-exported: call ``finalize``) and per-block records with
@@ -192,12 +236,7 @@ def prune_blocks(gm: GraphModule, calibration: torch.Tensor, plans: list[BlockPl
     sites_w = find_attention_sites(work)
     stream = _Stream(gm, work, calibration, recipe.batch_size, opts.sequential)
     records = []
-    blocks = range(len(plans))
-    if progress:
-        from tqdm import tqdm
-
-        blocks = tqdm(blocks, desc="snp blocks", leave=False)
-    for li in blocks:
+    for li in range(len(plans)):
         so, sw, plan = sites_o[li], sites_w[li], plans[li]
         rec = {"block": li}
         H, d, dv = sw.num_heads, sw.head_dim, value_head_dim(sw)
@@ -206,6 +245,8 @@ def prune_blocks(gm: GraphModule, calibration: torch.Tensor, plans: list[BlockPl
         mlp = plan.mlp is not None and m is not None and plan.mlp != m
         if (attn or mlp) and stream.node_o is None:
             stream.advance(so.block_input, sw.block_input)
+        if (attn or mlp) and opts.sequential:  # the original block, computed once
+            stream.prefetch(_orig_needs(so, sw, attn, mlp, sites_o[li + 1].block_input if li + 1 < len(plans) else None))
         if attn:
             rec.update(_prune_attention_block(stream, so, sw, plan, recipe))
             work.graph.eliminate_dead_code()
@@ -224,6 +265,17 @@ def prune_blocks(gm: GraphModule, calibration: torch.Tensor, plans: list[BlockPl
         if on_block:
             on_block(li)
     return work, records
+
+
+def _orig_needs(so, sw, attn: bool, mlp: bool, next_input) -> list:
+    """The original graph's values that a sequential block reads: the refit targets
+    (:func:`_targets`) and the next block's input."""
+    out = []
+    if attn:
+        out.append(so.attn_residual if _skip(sw, sw.proj.node, sw.attn_residual) is not None else so.proj.node)
+    if mlp:
+        out.append(so.mlp_residual if _skip(sw, sw.fc2.node, sw.mlp_residual) is not None else so.fc2.node)
+    return out + ([next_input] if next_input is not None else [])
 
 
 def _changes(s: AttentionSite, plan: BlockPlan) -> bool:
@@ -249,14 +301,17 @@ def _skip(site: AttentionSite, lin: Node, res: Optional[Node]) -> Optional[Node]
     return [a for a in res.args if a is not last][0]
 
 
-def _targets(stream, recipe, i, so, sw, lin_o, lin_w, res_o, res_w, x_w, x_o, extra_w=(), extra_o=()):
+def _targets(stream, recipe, i, so, sw, lin_o, lin_w, res_o, res_w, x_w, x_o, extra_w=(), extra_o=(),
+             keep_skip=False):
     """Input ``x`` of the linear (pruned model if sequential) and its refit target ``t``:
     original residual stream minus the pruned model's skip input (sequential, no layer scale),
-    else the original linear's output."""
+    else the original linear's output. ``keep_skip``: the skip input stays valid until the
+    stream advances (the MLP's skip input is upstream of its surgery)."""
     skip_w = _skip(sw, lin_w, res_w)
     if stream.sequential:
         vo = stream.orig(i, [res_o if skip_w is not None else lin_o, *extra_o])
-        vw = stream.pruned(i, [x_w] + ([skip_w] if skip_w is not None else []) + list(extra_w))
+        vw = stream.pruned(i, [x_w] + ([skip_w] if skip_w is not None else []) + list(extra_w),
+                           keep=[skip_w] if keep_skip and skip_w is not None else ())
         t = vo[res_o] - vw[skip_w] if skip_w is not None else vo[lin_o]
         if recipe.ln_weight and skip_w is not None:
             vw["_weight"] = 1.0 / vo[res_o].float().var(-1).clamp_min(1e-6)
@@ -340,7 +395,7 @@ def _prune_mlp_block(stream, so, sw, plan, recipe: _Recipe) -> dict:
     folds = [LinearStats.zeros(m, sw.fc2.out_features) for _ in range(2)]
     for i in range(len(stream.batches)):
         x, t, vw, _ = _targets(stream, recipe, i, so, sw, so.fc2.node, sw.fc2.node, so.mlp_residual,
-                               sw.mlp_residual, sw.fc2.node.args[0], so.fc2.node.args[0])
+                               sw.mlp_residual, sw.fc2.node.args[0], so.fc2.node.args[0], keep_skip=True)
         folds[i % 2].add(x, t, _weight(stream, recipe, sw, i, "mlp_tokens", vw))
     stats = folds[0] + folds[1]
     w2 = sw.fc2.weight_tensor(work).detach()

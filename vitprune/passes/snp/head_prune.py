@@ -8,6 +8,7 @@ whatever per-head widths the graph has.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Union
 
@@ -17,7 +18,7 @@ from ...errors import InvalidPassConfigError
 from ...ir.match import find_attention_sites
 from ..base import Pass, PassContext, register_pass
 from .engine import BlockPlan, prune_blocks
-from .options import RecoveryOptions
+from .options import BLOCK_BATCH_COST, Progress, RecoveryOptions
 from .surgery import finalize, value_head_dim
 
 
@@ -69,9 +70,17 @@ class HeadPrune(RecoveryOptions, Pass):
         if all(c == 0 for c in counts):
             ctx.record(heads_removed=counts)
             return gm
+        t0 = time.perf_counter()
         calib, views = self.augmented_calibration(ctx, self.name)
-        work, records = prune_blocks(gm, calib, plans, self, views=views, progress=ctx.progress)
+        batches = -(-int(calib.shape[0]) // (self.batch_size * views))
+        progress = Progress(ctx.progress, "head-prune")
+        progress.plan(len(sites) * batches * BLOCK_BATCH_COST)
+        try:
+            work, records = prune_blocks(gm, calib, plans, self, views=views,
+                                         on_block=lambda li: progress.step(batches * BLOCK_BATCH_COST))
+        finally:
+            progress.close()
         out = finalize(work, ctx.example_inputs)
         ctx.record(heads_removed=counts, blocks=records, calibration_images=int(calib.shape[0]) // views,
-                   calibration_views=views)
+                   calibration_views=views, seconds=round(time.perf_counter() - t0, 2))
         return out

@@ -108,3 +108,35 @@ class RecoveryOptions:
     def augmented_calibration(self, ctx, name: str) -> tuple[torch.Tensor, int]:
         """The calibration images with their ``augment`` views and the number of views per image."""
         return augment_views(self.calibration_images(ctx, name), self.augment, self.batch_size)
+
+
+#: relative cost of the steps on the progress bar, in block passes over one calibration batch:
+#: a Fisher batch is a forward and a backward pass through every block (about 3 forwards); a
+#: pruned block runs the original block once, the pruned one about twice, and accumulates Grams
+FISHER_BATCH_COST, BLOCK_BATCH_COST = 3.0, 5.0
+
+
+class Progress:
+    """One tqdm bar for a whole SNP / head-prune call, in estimated block-batch units, so its
+    "time left" covers every step (Fisher scores, dry run, block-by-block pruning)."""
+
+    def __init__(self, enabled: bool, desc: str):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=0, desc=desc, leave=False, bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
+
+    def plan(self, units: float) -> None:
+        """Announce ``units`` more work."""
+        if self.bar is not None:
+            self.bar.total += units
+            self.bar.refresh()
+
+    def step(self, units: float) -> None:
+        if self.bar is not None:
+            self.bar.update(units)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
