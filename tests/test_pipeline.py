@@ -24,6 +24,8 @@ SPECS = [
     "tome:r=3",
     "snp:ratio=0.25,augment=none,token_weight=none",
     "head-prune:heads=1",
+    "snp-tokens:target_gmacs=0.0022,augment=none,token_weight=none",
+    "snp-tokens:target_gmacs=0.0022,augment=none,token_weight=none,tokens=tome",
 ]
 
 

@@ -2,9 +2,6 @@
 
 * :func:`load_calibration_images`: the first ``n`` images (sorted file names) of a folder with
   an eval transform -> ``[n, 3, H, W]``; warns when the folder has fewer, raises when none.
-* :func:`grab`: run a captured graph on a batch with a ``torch.fx.Interpreter`` and return
-  the values of the requested nodes only, stopping after the last one (nothing else kept).
-* :func:`iter_batches`: split the calibration tensor into batches, with a tqdm bar.
 * :func:`augment_views`: deterministic extra views of the calibration images (horizontal flip,
   corner crops at the eval transform's crop fraction), grouped so that all views of an image
   fall in the same batch.
@@ -17,10 +14,9 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
-from torch.fx import GraphModule, Node
 
 from .errors import DataError
 
@@ -147,50 +143,3 @@ def augment_views(images: torch.Tensor, augment: str, batch_size: int) -> tuple[
     return torch.cat(out), k
 
 
-def grab(gm: GraphModule, x: torch.Tensor, nodes: Sequence[Node], given: Optional[dict] = None) -> dict:
-    """Values of ``nodes`` when ``gm`` runs on ``x``, computing only their ancestors.
-
-    Args:
-        gm: a captured graph (its ``meta['val']`` may be stale; only the graph matters).
-        x: an image batch ``[B, 3, H, W]``.
-        nodes: nodes of ``gm.graph``.
-        given: ``{node: tensor}`` values to use instead of computing those nodes (e.g. a block's
-            input from a previous call), so running one block costs one block.
-
-    Returns:
-        ``{node: tensor}`` for every requested node.
-    """
-    given = dict(given or {})
-    needed: set = set()
-    stack = list(nodes)
-    while stack:
-        n = stack.pop()
-        if n in needed:
-            continue
-        needed.add(n)
-        if n not in given:
-            stack.extend(n.all_input_nodes)
-    interp = torch.fx.Interpreter(gm)
-    env = interp.env
-    args_iter = iter([x])
-    interp.args_iter = args_iter
-    with torch.no_grad():
-        for n in gm.graph.nodes:
-            if n not in needed:
-                continue
-            if n in given:
-                env[n] = given[n]
-                continue
-            env[n] = interp.run_node(n)
-    return {n: env[n] for n in nodes}
-
-
-def iter_batches(images: torch.Tensor, batch_size: int = 16, progress: bool = False, desc: str = "calibration") -> Iterable[torch.Tensor]:
-    """Yield ``images[i:i+batch_size]`` with an optional tqdm progress bar."""
-    starts = range(0, images.shape[0], batch_size)
-    if progress:
-        from tqdm import tqdm
-
-        starts = tqdm(starts, desc=desc, leave=False)
-    for s in starts:
-        yield images[s:s + batch_size]

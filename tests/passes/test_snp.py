@@ -6,7 +6,8 @@ import timm
 import torch
 
 import vitprune
-from vitprune.calibration import grab, load_calibration_images
+from vitprune.calibration import load_calibration_images
+from vitprune.ir.values import node_values
 from vitprune.errors import DataError, InvalidPassConfigError
 from vitprune.ir.flops import gmacs
 from vitprune.ir.capture import capture
@@ -40,7 +41,7 @@ def test_qk_pruned_logits_equal_sum_of_kept_rank1_terms():
     x = X.double()
     gm = capture(m, x)
     site = find_attention_sites(gm)[0]
-    ref = grab(gm, x, [site.q, site.k])
+    ref = node_values(gm, x, [site.q, site.k])
     q0, k0 = ref[site.q], ref[site.k]  # [B, H, N, d]
     H, d = site.num_heads, site.head_dim
     keep = [[0, 3, 5, 9, 63], [1, 2, 4, 8, 16], [10, 20, 30, 40, 50]]
@@ -48,7 +49,7 @@ def test_qk_pruned_logits_equal_sum_of_kept_rank1_terms():
     gm2 = finalize(gm, (x,))
     s2 = find_attention_sites(gm2)[0]
     assert s2.head_dim == 5 and abs(s2.scale - 64 ** -0.5) < 1e-12  # original scale kept
-    got = grab(gm2, x, [s2.q, s2.k])
+    got = node_values(gm2, x, [s2.q, s2.k])
     for h in range(H):
         logits = got[s2.q][:, h] @ got[s2.k][:, h].transpose(-1, -2)
         rank1 = sum(torch.einsum("bi,bj->bij", q0[:, h, :, n], k0[:, h, :, n]) for n in keep[h])
@@ -182,7 +183,7 @@ def test_explicit_attention_and_fewer_tokens_later():
 
     m = tiny(depth=2)
     gm = capture(m, X)
-    gm = ExplicitAttention()(gm, PassContext(example_inputs=(X,), records=[{}]))
+    gm = ExplicitAttention()(gm, PassContext(example_inputs=(X,)))
     s = find_attention_sites(gm)[0]
     out = s.block_output
     with gm.graph.inserting_after(out):
@@ -229,6 +230,9 @@ def test_config_json_round_trip_and_specs():
     ("snp:fc1=0.1;1.5", r"fc1\[1\]=1.5"),
     ("snp:preset=deit-xl", "unknown preset"),
     ("snp:criterion=l2", "criterion"),
+    ("snp:ratio=0.1,shrink=ones", "shrink"),
+    ("head-prune:heads=1,token_weight=fisher", "token_weight"),
+    ("head-prune:heads=1,ratio=0.2", "no option 'ratio'"),
     ("snp:ratio=0.1,preset=deit-s", "only one of"),
     ("head-prune:heads=-1", "non-negative"),
 ])
@@ -245,6 +249,22 @@ def test_ratio_leaving_zero_neurons_names_block():
 def test_head_prune_all_heads_rejected():
     with pytest.raises(InvalidPassConfigError, match="has 3 heads; removing 3"):
         vitprune.compile(tiny(depth=1), ["head-prune:heads=3"], example_inputs=X, calibration=CAL, progress=False)
+
+
+def test_head_prune_config_saved_with_the_inherited_snp_options_still_loads():
+    """Before head-prune composed the shared options it carried SNP's planning options (at these values)."""
+    old = {"pass": "head-prune", "heads": 2, "preset": None, "ratio": None, "qk": None, "v": None, "fc1": None,
+           "embed": 0.0, "target_gmacs": None, "criterion": "activation", "allocation": "uniform", "round_to": None,
+           "mix": None, "blend": 1.0, "augment": "none", "token_weight": "none"}
+    assert Pass.from_config(old) == parse_pass_spec("head-prune:heads=2")
+    with pytest.raises(InvalidPassConfigError, match="no option 'ratio'"):
+        Pass.from_config({**old, "ratio": 0.5})
+
+
+def test_calibration_of_another_size_rejected():
+    with pytest.raises(InvalidPassConfigError, match=r"calibration images are \(112, 112\) pixels but the model's input is \(224, 224\)"):
+        vitprune.compile(tiny(depth=1), ["snp:ratio=0.1"], example_inputs=X, calibration=CAL[:, :, :112, :112],
+                         progress=False)
 
 
 def test_missing_calibration_rejected():

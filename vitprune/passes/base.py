@@ -145,12 +145,12 @@ def _lookup(name: Optional[str]) -> type[Pass]:
 
 def _instantiate(cls: type[Pass], kwargs: dict) -> Pass:
     names = {f.name for f in dataclasses.fields(cls)}
+    # options a pass no longer has, still accepted (and ignored) at the value they always had
+    retired = getattr(cls, "retired_options", {})
+    kwargs = {k: v for k, v in kwargs.items() if not (k in retired and k not in names and v == retired[k])}
     unknown = sorted(set(kwargs) - names)
     if unknown:
-        raise InvalidPassConfigError(
-            f"pass '{cls.name}' has no option {', '.join(repr(u) for u in unknown)}; "
-            f"valid options: {', '.join(sorted(names)) or '(none)'}"
-        )
+        _no_option(cls, unknown)
     p = cls(**kwargs)
     p.validate()
     return p
@@ -178,6 +178,14 @@ def check_choice(pass_name: str, key: str, value: Any, annotation) -> None:
         return
     raise InvalidPassConfigError(
         f"{pass_name}: {key}={value!r} is not one of {', '.join(str(c) for c in choices)}")
+
+
+def _no_option(cls: type[Pass], unknown: list) -> None:
+    names = {f.name for f in dataclasses.fields(cls)}
+    raise InvalidPassConfigError(
+        f"pass '{cls.name}' has no option {', '.join(repr(u) for u in unknown)}; "
+        f"valid options: {', '.join(sorted(names)) or '(none)'}"
+    )
 
 
 def _convert(text: str, annotation) -> Any:
@@ -234,7 +242,7 @@ def parse_pass_spec(spec: str) -> Pass:
         if not eq:
             raise InvalidPassConfigError(f"pass spec '{spec}': '{item}' is not key=value")
         if key not in hints or key.startswith("_") or key == "name":
-            _instantiate(cls, {key: None})  # raises the standard unknown-key message
+            _no_option(cls, [key])
         try:
             kwargs[key] = _convert(value, hints[key])
         except (ValueError, TypeError, json.JSONDecodeError):

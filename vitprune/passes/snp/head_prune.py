@@ -9,25 +9,26 @@ whatever per-head widths the graph has.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import ClassVar, Literal, Union
 
 from torch.fx import GraphModule
 
 from ...errors import InvalidPassConfigError
 from ...ir.match import find_attention_sites
-from ..base import PassContext, register_pass
-from .snp import SNP
+from ..base import Pass, PassContext, register_pass
 from .engine import BlockPlan, prune_blocks
+from .options import BLOCK_BATCH_COST, Progress, RecoveryOptions
 from .surgery import finalize, value_head_dim
 
 
 @register_pass("head-prune")
 @dataclass
-class HeadPrune(SNP):
+class HeadPrune(RecoveryOptions, Pass):
     """Remove ``heads`` heads per block (int for every block, or a per-block list).
 
-    Args (besides SNP's calibration/recovery options ``compensate``, ``sequential``, ``calib``,
-    ``calib_images``, ``ridge``, ``augment`` and ``token_weight``, both default ``none`` here):
+    Args (besides the calibration/recovery options of
+    :class:`vitprune.passes.snp.options.RecoveryOptions`, with ``augment`` and ``token_weight``
+    both ``none`` here):
         heads: heads removed per block; must leave at least one head.
 
     Raises:
@@ -36,20 +37,21 @@ class HeadPrune(SNP):
     """
 
     heads: Union[int, list[int], None] = 1
+    #: SNP's options that head-prune inherited before it composed the shared options: configs
+    #: saved then still load (each at the value head-prune always used)
+    retired_options: ClassVar[dict] = dict(preset=None, ratio=None, qk=None, v=None, fc1=None, embed=0.0,
+                                           target_gmacs=None, criterion="activation", allocation="uniform",
+                                           round_to=None, mix=None, blend=1.0)
     #: no extra calibration views by default (SNP's ``flip+crops`` default was measured for SNP only)
     augment: str = "none"
-    #: unweighted refit (SNP's ``fisher`` default was measured for SNP only; head-prune computes no
-    #: Fisher scores, so ``fisher`` would be ignored here)
-    token_weight: str = "none"
+    #: unweighted refit (``fisher`` weights need SNP's Fisher scores, which head-prune does not compute)
+    token_weight: Literal["none", "ln"] = "none"
 
     def validate(self) -> None:
         vals = self.heads if isinstance(self.heads, list) else [self.heads]
         if any(not isinstance(h, int) or h < 0 for h in vals):
             raise InvalidPassConfigError(f"head-prune: heads={self.heads!r} must be non-negative integers")
-        for name in ("preset", "ratio", "target_gmacs", "qk", "v", "fc1"):
-            if getattr(self, name) is not None:
-                raise InvalidPassConfigError(f"head-prune: option {name} belongs to the snp pass")
-        super().validate()
+        self.validate_recovery(self.name)
 
     def rewrite(self, gm: GraphModule, ctx: PassContext) -> GraphModule:
         sites = find_attention_sites(gm)
@@ -67,8 +69,15 @@ class HeadPrune(SNP):
         if all(c == 0 for c in counts):
             ctx.record(heads_removed=counts)
             return gm
-        calib, views = self.augmented_calibration(ctx)
-        work, records = prune_blocks(gm, calib, plans, self.engine_options(ctx, views))
+        calib, views = self.augmented_calibration(ctx, self.name)
+        batches = -(-int(calib.shape[0]) // (self.batch_size * views))
+        progress = Progress(ctx.progress, "head-prune")
+        progress.plan(len(sites) * batches * BLOCK_BATCH_COST)
+        try:
+            work, records = prune_blocks(gm, calib, plans, self, views=views,
+                                         on_block=lambda li: progress.step(batches * BLOCK_BATCH_COST))
+        finally:
+            progress.close()
         out = finalize(work, ctx.example_inputs)
         ctx.record(heads_removed=counts, blocks=records, calibration_images=int(calib.shape[0]) // views,
                    calibration_views=views)

@@ -7,7 +7,6 @@
   weight rows (§2b panel c; value neurons and, by our reading of the figure, fc1 neurons).
 * :func:`activation_scores`: ``||a_j|| * ||W_next[:, j]||`` from a Gram matrix of the inputs
   of the following linear (activation-aware alternative, not in the paper).
-* :func:`head_scores`: mean pair score of each head (RECOMMENDATION in §2b "Head pruning").
 
 Ties are broken deterministically towards the lowest index (§2g pitfall 4) by :func:`top_indices`.
 """
@@ -90,11 +89,6 @@ def activation_scores(gram_diag: torch.Tensor, w_next: torch.Tensor) -> torch.Te
         ``[M]`` float64 (an upper bound of the output energy that neuron j contributes).
     """
     return gram_diag.double().clamp_min(0).sqrt() * w_next.double().norm(dim=0)
-
-
-def head_scores(pair_scores: torch.Tensor) -> torch.Tensor:
-    """Head importance = mean q-k pair score of the head: ``[H, d] -> [H]``."""
-    return pair_scores.double().mean(-1)
 
 
 def top_indices(scores: torch.Tensor, keep: int) -> list[int]:

@@ -17,7 +17,7 @@ The loss is the cross-entropy against the original model's top-1 prediction (no 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch.fx import GraphModule
@@ -45,9 +45,11 @@ class BlockScores:
 
 
 def block_fisher_scores(gm: GraphModule, sites: Sequence[AttentionSite], images: torch.Tensor,
-                        batch_size: int = 16, progress: bool = False) -> list[BlockScores]:
+                        batch_size: int = 16, progress: bool = False,
+                        on_batch: Optional[Callable[[], None]] = None) -> list[BlockScores]:
     """Fisher scores of every block's structures on ``images`` ``[n, 3, H, W]`` (one forward
-    and backward pass per batch; only ``[H, d]``-sized sums are kept)."""
+    and backward pass per batch; only ``[H, d]``-sized sums are kept). ``progress``: a tqdm bar
+    of its own; ``on_batch``: called after each batch instead (a caller's bar)."""
     masked = {}
     for s in sites:
         masked[s.q] = _token_dim(s.q, s.num_tokens, default=2)
@@ -78,6 +80,8 @@ def block_fisher_scores(gm: GraphModule, sites: Sequence[AttentionSite], images:
                 a["attn_tokens"].append(_token_weights(g[s.attn_residual]))
             if s.mlp_residual is not None and s.mlp_residual in g:
                 a["mlp_tokens"].append(_token_weights(g[s.mlp_residual]))
+        if on_batch is not None:
+            on_batch()
     return [BlockScores(qk=a["qk"], v=a["v"], head=a["head"], fc1=a["fc1"] if s.fc2 is not None else None,
                         attn_tokens=torch.cat(a["attn_tokens"]) if a["attn_tokens"] else None,
                         mlp_tokens=torch.cat(a["mlp_tokens"]) if a["mlp_tokens"] else None)

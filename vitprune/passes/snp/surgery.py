@@ -196,18 +196,6 @@ def _keep_input_columns(gm: GraphModule, lin, cols: torch.Tensor, weight: Option
         set_param(gm, lin.bias, bias)
 
 
-def _new_nodes(n: Node) -> set:
-    out, stack = set(), [n]
-    while stack:
-        cur = stack.pop()
-        if cur in out or not isinstance(cur, Node):
-            continue
-        out.add(cur)
-        if cur.op in ("call_function", "get_attr"):
-            stack.extend(cur.all_input_nodes)
-    return out
-
-
 def _fix_head_flatten(site: AttentionSite, old_width: int, new_width: int, old_dv: int, new_dv: int) -> int:
     """Rewrite reshapes on the path attention-output -> proj input: a last dim equal to the
     flattened width ``H·d_v`` becomes ``H'·d_v'``, a per-head last dim ``d_v`` of a 4-D

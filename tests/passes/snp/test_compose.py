@@ -1,0 +1,72 @@
+"""snp-tokens: SNP and a token pass under one GMACs budget (measured by the FLOP counter)."""
+
+import pytest
+import torch
+
+import vitprune
+from vitprune.errors import InvalidPassConfigError
+from vitprune.passes.base import parse_pass_spec
+from vitprune.passes.compose import calibration_kl
+
+FAST = "augment=none,token_weight=none,calib_images=8"
+
+
+def _model():
+    import timm
+
+    torch.manual_seed(0)
+    return timm.models.vision_transformer.VisionTransformer(
+        img_size=64, patch_size=8, embed_dim=64, depth=4, num_heads=2, num_classes=10).eval()
+
+
+X = torch.randn(2, 3, 64, 64)
+CAL = torch.randn(8, 3, 64, 64)
+
+
+def _dense():
+    return vitprune.compile(_model(), [], example_inputs=X, progress=False).report.gmacs_before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order,tokens", [("snp-first", "zero-tprune"), ("tokens-first", "zero-tprune"),
+                                          ("snp-first", "tome")])
+def test_composed_budget_is_met_and_split_as_asked(order, tokens):
+    target = round(0.6 * _dense(), 5)
+    c = vitprune.compile(_model(), [f"snp-tokens:target_gmacs={target},order={order},tokens={tokens},split=0.5,{FAST}"],
+                         example_inputs=X, calibration=CAL, progress=False)
+    assert abs(c.report.gmacs_after - target) <= 0.015 * target, (c.report.gmacs_after, target)
+    inner = c.report.passes[-1]["passes"]
+    assert [p["pass"] for p in inner] == (["snp", tokens] if order == "snp-first" else [tokens, "snp"])
+
+
+@pytest.mark.slow
+def test_split_none_keeps_the_lowest_calibration_kl():
+    m = _model()
+    target = round(0.6 * _dense(), 5)
+    spec = f"snp-tokens:target_gmacs={target},split=none,splits=0.3;0.7,{FAST}"
+    c = vitprune.compile(m, [spec], example_inputs=X, calibration=CAL, progress=False)
+    rec = c.report.passes[-1]
+    kls = {float(k): v for k, v in rec["calibration_kl"].items()}
+    assert rec["split"] == min(kls, key=kls.get)
+    with torch.no_grad():      # the recorded KL is the chosen model's, on the calibration images
+        assert abs(calibration_kl(m(CAL), c(CAL)) - kls[rec["split"]]) < 1e-4
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("snp-tokens:target_gmacs=0.5,split=1.0", r"split 1.0 is outside \(0, 1\)"),
+    ("snp-tokens:target_gmacs=0.5,split=none,splits=0.5;0", r"split 0.0 is outside \(0, 1\)"),
+    ("snp-tokens:split=0.5", "give target_gmacs"),
+    ("snp-tokens:target_gmacs=0.5,tokens=tome,order=tokens-first", "use order=snp-first"),
+])
+def test_bad_configs(spec, match):
+    with pytest.raises(InvalidPassConfigError, match=match):
+        parse_pass_spec(spec)
+
+
+def test_budget_below_reach_and_other_image_size_rejected():
+    with pytest.raises(InvalidPassConfigError, match=r"asks snp for .* GMACs: .*leaves 0|asks zero-tprune .* below"):
+        vitprune.compile(_model(), [f"snp-tokens:target_gmacs={0.02 * _dense():.5f},{FAST}"], example_inputs=X,
+                         calibration=CAL, progress=False)
+    with pytest.raises(InvalidPassConfigError, match=r"calibration images are \(32, 32\) pixels"):
+        vitprune.compile(_model(), [f"snp-tokens:target_gmacs={0.6 * _dense():.5f},{FAST}"], example_inputs=X,
+                         calibration=CAL[..., :32, :32], progress=False)

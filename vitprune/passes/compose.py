@@ -1,0 +1,128 @@
+"""``snp-tokens``: SNP neuron pruning and a token-reduction pass (Zero-TPrune or ToMe) under one
+GMACs budget.
+
+The MAC reduction ``R = dense - target_gmacs`` is split: SNP removes ``split * R`` and the token
+pass the rest, in either order (``order=snp-first``: SNP to ``dense - split * R``, then the
+token pass to the target; ``tokens-first``: the token pass to ``dense - (1 - split) * R``, then
+SNP to the target). SNP after a token pass calibrates with the original model's token
+selections (:class:`vitprune.passes.snp.engine._Stream`), so both orders are sound.
+``split=none`` tries every value of ``splits`` and keeps the one whose model is closest to the
+original on the calibration images (mean KL divergence of the class distributions; no other
+image is looked at).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Literal, Optional
+
+import torch
+from torch.fx import GraphModule
+
+from ..errors import InvalidPassConfigError
+from .base import PASS_REGISTRY, Pass, PassContext, register_pass
+from .snp.engine import Criterion
+from .snp.options import RecoveryOptions
+
+
+def calibration_kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean ``KL(softmax(reference) || softmax(logits))`` over images (``[n, classes]`` each)."""
+    lp, lq = reference.double().log_softmax(-1), logits.double().log_softmax(-1)
+    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+
+
+@register_pass("snp-tokens")
+@dataclass
+class SNPTokens(RecoveryOptions, Pass):
+    """SNP + token reduction at one budget.
+
+    Args (besides SNP's calibration/recovery options, :class:`vitprune.passes.snp.options.RecoveryOptions`):
+        target_gmacs: GMACs of the result (required), above what the composition can reach.
+        tokens: the token pass, ``zero-tprune`` or ``tome`` (its default options, its own
+            ``target_gmacs``).
+        order: ``snp-first`` or ``tokens-first``.
+        split: fraction of the MAC reduction done by SNP, in (0, 1); None: the value of
+            ``splits`` with the lowest calibration KL (one composition per value).
+        splits: candidates for ``split=none``, each in (0, 1).
+        criterion: SNP's neuron criterion (:class:`vitprune.passes.snp.snp.SNP`).
+
+    Raises:
+        InvalidPassConfigError: no ``target_gmacs``, a split outside (0, 1), a budget at or above
+            the dense model or below what SNP and the token pass reach together, calibration
+            images of another size than the model's input.
+    """
+
+    target_gmacs: Optional[float] = None
+    tokens: Literal["zero-tprune", "tome"] = "zero-tprune"
+    order: Literal["snp-first", "tokens-first"] = "snp-first"
+    split: Optional[float] = 0.5
+    splits: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
+    criterion: Criterion = "activation"
+
+    def validate(self) -> None:
+        self.validate_recovery(self.name)
+        if self.target_gmacs is None or not self.target_gmacs > 0:
+            raise InvalidPassConfigError(f"snp-tokens: give target_gmacs > 0 (got {self.target_gmacs})")
+        for s in ([self.split] if self.split is not None else []) + list(self.splits):
+            if not 0.0 < s < 1.0:
+                raise InvalidPassConfigError(
+                    f"snp-tokens: split {s} is outside (0, 1) (the fraction of the MAC reduction SNP does)")
+        if self.order == "tokens-first" and self.tokens == "tome" and self.compensate:
+            raise InvalidPassConfigError("snp-tokens: order=tokens-first with tokens=tome is not supported "
+                                         "(SNP's recovery after ToMe); use order=snp-first")
+        if self.split is None and not self.splits:
+            raise InvalidPassConfigError("snp-tokens: split=none needs at least one value in splits")
+
+    def snp_pass(self, target: float) -> Pass:
+        """The SNP pass with this pass's calibration/recovery options at ``target`` GMACs."""
+        shared = {f.name: getattr(self, f.name) for f in fields(RecoveryOptions)}
+        return PASS_REGISTRY["snp"](target_gmacs=target, criterion=self.criterion, **shared)
+
+    def token_pass(self, target: float) -> Pass:
+        return PASS_REGISTRY[self.tokens](target_gmacs=target)
+
+    def plan(self, dense: float, split: float) -> list[Pass]:
+        """The two passes, in order, for a dense model of ``dense`` GMACs."""
+        cut = dense - self.target_gmacs
+        if self.order == "snp-first":
+            return [self.snp_pass(dense - split * cut), self.token_pass(self.target_gmacs)]
+        return [self.token_pass(dense - (1 - split) * cut), self.snp_pass(self.target_gmacs)]
+
+    def compose(self, gm: GraphModule, ctx: PassContext, split: float) -> tuple[GraphModule, list[dict]]:
+        """Run both passes at ``split`` on a copy of ``gm``; returns the graph and their records."""
+        from ..ir.flops import gmacs
+
+        dense = gmacs(gm, tuple(ctx.example_inputs[0].shape[1:]))
+        if self.target_gmacs >= dense:
+            raise InvalidPassConfigError(
+                f"snp-tokens: target_gmacs={self.target_gmacs} is not below the dense model's {dense:.4f} GMACs")
+        out, records = gm, []
+        for p in self.plan(dense, split):
+            sub = ctx.fresh()
+            try:
+                out = p(out, sub)                       # each sub-pass works on its own copy
+            except InvalidPassConfigError as e:
+                raise InvalidPassConfigError(
+                    f"snp-tokens: target_gmacs={self.target_gmacs} with split={split} ({self.order}) asks {p.name} "
+                    f"for {p.target_gmacs:.4f} GMACs: {e}") from None
+            records.append({"pass": p.name, **sub.info, "target_gmacs": round(p.target_gmacs, 4)})
+        return out, records
+
+    def rewrite(self, gm: GraphModule, ctx: PassContext) -> GraphModule:
+        if self.split is not None:
+            out, records = self.compose(gm, ctx, self.split)
+            ctx.record(split=self.split, passes=records)
+            return out
+        calib = self.calibration_images(ctx, self.name)
+        with torch.no_grad():
+            ref = gm(calib)
+        best = None
+        tried = {}
+        for s in self.splits:
+            out, records = self.compose(gm, ctx, s)
+            with torch.no_grad():
+                tried[s] = calibration_kl(ref, out(calib))
+            if best is None or tried[s] < tried[best[0]]:
+                best = (s, out, records)
+        ctx.record(split=best[0], calibration_kl={str(k): round(v, 5) for k, v in tried.items()}, passes=best[2])
+        return best[1]

@@ -1,0 +1,142 @@
+"""The calibration and least-squares recovery options shared by ``snp`` and ``head-prune``.
+
+Both passes inherit these dataclass fields (so specs and JSON configs stay flat:
+``snp:ridge=0.1``); the engine (:func:`vitprune.passes.snp.engine.prune_blocks`) reads them from
+this one object. ``head-prune`` only overrides two defaults.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, fields
+from typing import Literal, Optional
+
+import torch
+
+from ...calibration import augment_views, load_calibration_images, parse_augment
+from ...errors import InvalidPassConfigError
+
+Shrink = Literal["zero", "original"]
+TokenWeight = Literal["none", "ln", "fisher"]
+Recovery = Literal["full", "scale"]
+
+
+def check_literals(obj, name: str) -> None:
+    """Raise InvalidPassConfigError naming the field when a ``Literal[...]`` field of the dataclass
+    ``obj`` holds a value outside its choices (``name``: the pass name for the message)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        hint = hints.get(f.name)
+        if typing.get_origin(hint) is Literal:
+            choices = typing.get_args(hint)
+            value = getattr(obj, f.name)
+            if value not in choices:
+                raise InvalidPassConfigError(
+                    f"{name}: {f.name}={value!r} is not one of {', '.join(map(str, choices))}")
+
+
+@dataclass
+class RecoveryOptions:
+    """Calibration images and the least-squares recovery of ``proj`` / ``fc2``.
+
+    Args:
+        compensate: refit proj/fc2 by ridge least squares on calibration activations.
+        sequential: feed each block the already pruned model's activations.
+        calib: image folder for calibration (else ``compile(calibration=...)``).
+        calib_images: number of calibration images.
+        ridge: relative ridge strength of the refit; None: chosen per layer from ``1e-3 .. 1e3``
+            by two-fold cross-validation over the calibration images
+            (:func:`vitprune.passes.snp.lstsq.cv_ridge`).
+        shrink: the refit is shrunk towards ``zero`` (plain ridge) or the ``original`` weights of
+            the kept inputs.
+        token_weight: per-token weights of the refit: ``none``, ``ln`` (``1 / var`` over channels
+            of the original residual stream) or ``fisher`` (``||dL/dh_t||^2`` of the original
+            model; needs Fisher scores, which only ``snp`` computes).
+        augment: extra deterministic views of every calibration image
+            (:func:`vitprune.calibration.augment_views`).
+        recovery: ``full`` refits every weight of proj/fc2 (and the bias); ``scale`` fits one
+            scale per kept input and the bias (Kwon et al. 2022 §4.3).
+        batch_size: calibration images per batch (each with all its views).
+    """
+
+    compensate: bool = True
+    sequential: bool = True
+    calib: Optional[str] = None
+    calib_images: int = 64
+    ridge: Optional[float] = None
+    shrink: Shrink = "original"
+    token_weight: TokenWeight = "fisher"
+    augment: str = "flip+crops"
+    recovery: Recovery = "full"
+    batch_size: int = 16
+
+    def validate_recovery(self, name: str) -> None:
+        """Check these options (``name``: the pass, for the message); raises InvalidPassConfigError."""
+        check_literals(self, name)
+        if self.calib_images < 1:
+            raise InvalidPassConfigError(f"{name}: calib_images={self.calib_images} must be >= 1")
+        if self.batch_size < 1:
+            raise InvalidPassConfigError(f"{name}: batch_size={self.batch_size} must be >= 1")
+        if self.ridge is not None and self.ridge < 0:
+            raise InvalidPassConfigError(f"{name}: ridge={self.ridge} must be >= 0 (or none: cross-validated)")
+        try:
+            parse_augment(self.augment)
+        except ValueError as e:
+            raise InvalidPassConfigError(f"{name}: {e}") from None
+
+    def calibration_images(self, ctx, name: str) -> torch.Tensor:
+        """``[n, 3, H, W]``: ``ctx.calibration`` (first ``calib_images``) or images from ``calib``.
+
+        Raises:
+            InvalidPassConfigError: neither is given, or the images are not the size of the
+                model's input (``ctx.example_inputs``).
+        """
+        size = tuple(int(s) for s in ctx.example_inputs[0].shape[-2:])
+        if ctx.calibration is not None:
+            images = ctx.calibration[: self.calib_images]
+        elif self.calib is None:
+            raise InvalidPassConfigError(
+                f"{name}: needs calibration images: pass calib=DIR or compile(..., calibration=tensor)")
+        else:
+            images = load_calibration_images(self.calib, self.calib_images, image_size=size[-1])
+        if tuple(images.shape[-2:]) != size:
+            raise InvalidPassConfigError(
+                f"{name}: calibration images are {tuple(images.shape[-2:])} pixels but the model's input is {size}; "
+                f"give calibration images of the model's input size")
+        return images
+
+    def augmented_calibration(self, ctx, name: str) -> tuple[torch.Tensor, int]:
+        """The calibration images with their ``augment`` views and the number of views per image."""
+        return augment_views(self.calibration_images(ctx, name), self.augment, self.batch_size)
+
+
+#: relative cost of the steps on the progress bar, in block passes over one calibration batch:
+#: a Fisher batch is a forward and a backward pass through every block (about 3 forwards); a
+#: pruned block runs the original block once, the pruned one about twice, and accumulates Grams
+FISHER_BATCH_COST, BLOCK_BATCH_COST = 3.0, 5.0
+
+
+class Progress:
+    """One tqdm bar for a whole SNP / head-prune call, in estimated block-batch units, so its
+    "time left" covers every step (Fisher scores, dry run, block-by-block pruning)."""
+
+    def __init__(self, enabled: bool, desc: str):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=0, desc=desc, leave=False, bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
+
+    def plan(self, units: float) -> None:
+        """Announce ``units`` more work."""
+        if self.bar is not None:
+            self.bar.total += units
+            self.bar.refresh()
+
+    def step(self, units: float) -> None:
+        if self.bar is not None:
+            self.bar.update(units)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
