@@ -13,7 +13,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from . import __version__
-from .backends import get_backend
+from .backends import check_export_path, get_backend
 from .errors import InvalidPassConfigError, ParityError
 from .ir.flops import gmacs
 from .ir.capture import capture, check_example_inputs
@@ -92,9 +92,14 @@ class CompiledModule:
         }
 
     def export(self, path: str) -> str:
-        """Write the compiled model to ``path``; the suffix picks the format the backend writes
-        (``.pt2`` torch.export archive for the torch backend). ``vitprune.load(path)`` reads it.
+        """Write the compiled model to ``path``, atomically: ``.pt2`` (torch.export archive) for the torch
+        backend, ``.onnx`` for onnx, ``.so`` (+ ``.so.json``) for tvm. ``vitprune.load(path)`` reads it.
+
+        Raises:
+            BackendError: the suffix is not the backend's (:data:`vitprune.backends.EXPORT_SUFFIX`).
+            DataError: the folder is missing or read-only, or ``path`` names a folder.
         """
+        check_export_path(self.report.backend, path)
         return self.lowered.export(path, self.manifest())
 
 

@@ -27,3 +27,16 @@ class DataError(VitpruneError):
 
 class ParityError(VitpruneError):
     """A lowered module's outputs differ from eager PyTorch beyond the tolerance."""
+
+
+def error_line(exc: BaseException, last: bool = False) -> str:
+    """``"<ExceptionType>: <first line of its message>"`` (``last=True``: the last non-empty line,
+    where TVM puts the cause): how a wrapped library error is quoted in one of our messages."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = (lines[-1] if last else lines[0]) if lines else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class UntrustedArtefactError(BackendError):
+    """An artefact whose format can run code on load was given without ``trust=True``, or its
+    files do not match the SHA-256 its manifest records."""
