@@ -15,9 +15,10 @@ from torch.fx import GraphModule
 from . import __version__
 from .backends import check_export_path, get_backend
 from .errors import InvalidPassConfigError, ParityError
+from .families import check_supported
 from .ir.flops import gmacs
-from .ir.capture import capture, check_example_inputs
-from .passes.base import Pass, PassContext, parse_pass_spec
+from .ir.capture import capture, check_example_inputs, check_image_batch
+from .passes.base import Pass, PassContext, check_finite, parse_pass_spec
 
 
 @dataclass
@@ -34,6 +35,7 @@ class CompileReport:
     gmacs_after: float
     passes: list = field(default_factory=list)
     seconds: float = 0.0
+    weights: str = "unknown"
 
     @property
     def gmacs_ratio(self) -> float:
@@ -44,6 +46,7 @@ class CompileReport:
             "model": self.model, "backend": self.backend, "input_shape": self.input_shape,
             "gmacs_before": self.gmacs_before, "gmacs_after": self.gmacs_after,
             "passes": self.passes, "seconds": round(self.seconds, 2), "vitprune_version": __version__,
+            "weights": self.weights,
         }
 
     def to_json(self, path: Optional[str] = None) -> str:
@@ -58,8 +61,20 @@ class CompileReport:
                  f"({100 * (1 - self.gmacs_ratio):.1f}% fewer)"]
         for p in self.passes:
             info = {k: v for k, v in p.items() if k not in ("pass", "config")}
-            lines.append(f"  {p['pass']}: {json.dumps(info, default=str)[:200]}")
+            lines.append(f"  {p['pass']}: {_summary(info)}")
         return "\n".join(lines)
+
+
+def _summary(info: dict, width: int = 200) -> str:
+    """``key=value`` pairs of a pass's report entry, whole pairs only, ending in "…" when cut at ``width``."""
+    parts, used = [], 0
+    for k, v in info.items():
+        text = f"{k}={json.dumps(v, default=str, separators=(',', ':'))}"
+        if used + len(text) > width and parts:
+            return " ".join(parts) + f" … (+{len(info) - len(parts)} more in report.to_json())"
+        parts.append(text if len(text) <= width else text[:width - 1] + "…")
+        used += len(text) + 1
+    return " ".join(parts)
 
 
 class CompiledModule:
@@ -80,6 +95,8 @@ class CompiledModule:
         self.example_inputs = example_inputs
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, classes]`` of images ``[B, C, H, W]`` at the compiled image size (BackendError otherwise)."""
+        check_image_batch(x, self.example_inputs[0].shape[1:], "this compiled model")
         return self.lowered(x)
 
     def manifest(self) -> dict:
@@ -105,6 +122,7 @@ class CompiledModule:
 
 def _as_pass(p: Union[Pass, str, dict]) -> Pass:
     if isinstance(p, Pass):
+        check_finite(p)
         p.validate()
         return p
     if isinstance(p, str):
@@ -147,6 +165,7 @@ def compile(model: nn.Module, passes: Sequence[Union[Pass, str, dict]] = (), bac
     """
     t0 = time.time()
     pass_list = [_as_pass(p) for p in passes]  # validate every config before touching a graph
+    check_supported(type(model).__name__, [p.name for p in pass_list])
     example = check_example_inputs(example_inputs) if example_inputs is not None else default_example_inputs(model)
     gm = capture(model, example)
     image_shape = tuple(example[0].shape[1:])
@@ -161,7 +180,8 @@ def compile(model: nn.Module, passes: Sequence[Union[Pass, str, dict]] = (), bac
         _check_parity(gm, lowered, example, atol, warn_only=check_parity == "warn", backend=backend)
     report = CompileReport(model=gm.meta.get("vitprune_model_class", type(model).__name__), backend=backend,
                            input_shape=list(example[0].shape), gmacs_before=before, gmacs_after=after,
-                           passes=ctx.records, seconds=time.time() - t0)
+                           passes=ctx.records, seconds=time.time() - t0,
+                           weights=str(getattr(model, "vitprune_weights", "unknown")))
     return CompiledModule(gm, lowered, report, pass_list, example)
 
 

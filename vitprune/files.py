@@ -62,6 +62,23 @@ def check_writable(path: str, what: str = "output") -> None:
         raise DataError(f"cannot write {what} {path}: folder {folder} is not writable")
 
 
+def check_folder(folder: str, what: str) -> str:
+    """Create ``folder`` if needed and check it can be written; return it.
+
+    Raises:
+        DataError: it is a file, or cannot be created or written.
+    """
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise DataError(f"{what} {folder} is a file, not a folder; point it at a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create {what} {folder}: {exc.strerror}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DataError(f"{what} {folder} is not writable; point it at a folder you can write")
+    return folder
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, what: str = "output") -> Iterator[str]:
     """Yield a temporary path to write; on success it is renamed to ``path``, on any error removed,

@@ -89,8 +89,8 @@ class _OrtRunner:
         try:
             out = self.session.run(None, {self._input: arr})[0]
         except Exception as exc:
-            raise BackendError(f"onnxruntime could not run input of shape {tuple(x.shape)}: "
-                               f"{error_line(exc)}") from exc
+            raise BackendError(f"onnxruntime could not run input of shape {list(x.shape)} (the model takes "
+                               f"{self.session.get_inputs()[0].shape}): {error_line(exc)}") from exc
         return torch.from_numpy(out)
 
     @property

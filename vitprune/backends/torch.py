@@ -12,7 +12,7 @@ from torch.fx import GraphModule
 
 from ..errors import BackendError, error_line
 from ..files import atomic_write
-from ..ir.capture import export_program
+from ..ir.capture import check_image_batch, export_program
 from .artefact import require_trust, sha256_bytes, verify_hashes
 
 MANIFEST_KEY = "vitprune_manifest.json"
@@ -110,9 +110,12 @@ class LoadedPt2:
         except Exception as exc:
             raise BackendError(f"{path} is not a readable torch.export archive (.pt2): {error_line(exc)}") from exc
         self.module = ep.module()
+        self.path = path
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.manifest.get("input_shape"):
+            check_image_batch(x, self.manifest["input_shape"][1:], self.path)
         return self.module(x)
 
 

@@ -12,6 +12,8 @@ lowest patch index, so a group that survives to the next panel keeps its colour)
 
 from __future__ import annotations
 
+import os
+
 from typing import Optional, Sequence
 
 import numpy as np
@@ -125,7 +127,7 @@ def draw_kept_tokens(image: np.ndarray, layers: Sequence[dict], out: str, num_pr
     panels = [("input", None)] + [(f"after block {L['block']}", L) for L in layers]
     cols = cols or min(len(panels), 5)
     rows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.5 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.9 * cols, 3.9 * rows), squeeze=False)
     rng = np.random.default_rng(0)
     palette = rng.uniform(0.15, 1.0, size=(4096, 3))
     for ax in axes.flat:
@@ -151,7 +153,7 @@ def draw_kept_tokens(image: np.ndarray, layers: Sequence[dict], out: str, num_pr
             elif counts[g] > 1:
                 img[sl] = 0.45 * img[sl] + 0.55 * palette[keys[p] % len(palette)]
         ax.imshow(img)
-        ax.set_title(f"{name}\n{layer_label(patches, L['kind'])}", fontsize=10)
+        ax.set_title(f"{name}\n{layer_label(patches, L['kind'])}", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=12)
     fig.tight_layout(rect=(0, 0, 1, 0.97 if rows > 1 else 0.93) if title else None)
@@ -173,16 +175,21 @@ def kept_token_map(model, image_path: str, passes: Sequence, out: str, title: Op
     Returns:
         ``{"out": PNG path, "layers": [{"block", "kind", "group": [N0] (see :func:`token_groups`),
         "tokens": tokens left}], "gmacs": float}``.
-    """
-    from PIL import Image
 
+    Raises:
+        DataError: ``image_path`` is missing or not a readable image.
+    """
     from .. import compile as vp_compile
+    from ..data import load_image_files
+    from ..errors import DataError
     from ..ir.match import find_attention_sites
     from ..models import eval_transform
 
-    transform = eval_transform(model)
-    with Image.open(image_path) as img:
-        x = transform(img.convert("RGB")).unsqueeze(0)
+    if not os.path.isfile(image_path):
+        raise DataError(f"image {image_path} does not exist")
+    x, bad = load_image_files([image_path], eval_transform(model))
+    if bad:
+        raise DataError(f"{image_path} is not a readable image (corrupt, or not an image format PIL reads)")
     compiled = vp_compile(model, passes=list(passes), example_inputs=x, progress=False)
     prefix = find_attention_sites(compiled.graph_module)[0].num_prefix_tokens
     layers = token_groups(compiled, x)
