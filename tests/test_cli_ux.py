@@ -186,7 +186,6 @@ def test_non_finite_options_refused(spec):
 
 
 def test_non_finite_refused_for_pass_objects():
-    from vitprune.passes.tokens.tome import ToMe  # noqa: F401  (registers the pass)
     from vitprune.passes.base import PASS_REGISTRY
 
     snp = PASS_REGISTRY["snp"](target_gmacs=float("nan"))

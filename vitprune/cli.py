@@ -247,7 +247,7 @@ def _search_args(p):
     p.add_argument("--target-gmacs", type=float, required=True, help="GMACs budget per image")
     p.add_argument("--trials", type=positive_int, default=20, help="random schedules to try")
     p.add_argument("--images", type=positive_int, default=100, help="calibration images (the first N of the folder)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the search")
     p.add_argument("--threads", type=positive_int, default=torch.get_num_threads(), help="CPU threads")
     p.add_argument("--out", required=True, help="JSON file for the best zero-tprune config")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -292,7 +292,8 @@ def _backend_options(args) -> dict:
 def _export_args(p):
     add_model_args(p)
     add_pass_args(p)
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "tvm"])
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "tvm"],
+                   help="artefact format: torch .pt2, onnx .onnx, tvm .so")
     p.add_argument("--target", help="tvm target: cpu (default), cuda, arm")
     p.add_argument("--arch", help="CUDA arch for --target cuda, e.g. sm_80")
     p.add_argument("--tune", action="store_true", help="tvm cpu: MetaSchedule-tune first (cached)")
@@ -379,11 +380,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (configure, fn) in COMMANDS.items():
         p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0],
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=_HelpFormatter)
         configure(p)
         p.add_argument("--verbose", action="store_true", help="show TVM's and MetaSchedule's log live")
         p.set_defaults(func=fn)
     return parser
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows an option's default where it says something (not None, False or empty) and the help does not."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and "default" not in text and action.default not in (None, False, [], argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:

@@ -1,7 +1,6 @@
 """TVM's output goes to the log under the cache, not to the user's terminal (backends/tvm/logs.py)."""
 
 import ctypes
-import os
 import warnings
 
 import pytest

@@ -130,8 +130,12 @@ class OnnxModule(_OrtRunner):
 class LoadedOnnx(_OrtRunner):
     """An ``.onnx`` file loaded with no model code: ``[B, 3, H, W]`` -> logits.
 
+    Args:
+        trust: accepted for a uniform loader signature; ONNX holds no code, so it is never needed.
+
     Raises:
-        BackendError: the file is not a valid ONNX model.
+        UntrustedArtefactError: the model differs from the SHA-256 its manifest records.
+        BackendError: the file is not a valid ONNX model, or keeps weights in external files.
     """
 
     def __init__(self, path: str, threads: Optional[int] = None, trust: bool = False):
