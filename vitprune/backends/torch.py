@@ -57,9 +57,9 @@ def save_pt2(gm: GraphModule, example_inputs: tuple, path: str, manifest: dict) 
             with open(tmp, "wb") as f:  # a file object: the archive's folder is "archive", not the temporary name
                 torch.export.save(ep, f)
         except OSError:
-            raise
+            raise  # atomic_write turns it into one line naming path
         except Exception as exc:
-            raise BackendError(f"torch.export.save({path}) failed: {error_line(exc)}") from exc
+            raise BackendError(f"torch.export.save({path}) failed: {error_line(exc).replace(tmp, path)}") from exc
         with zipfile.ZipFile(tmp, "a") as z:
             files = _member_hashes(z)
             root = next(iter(files)).split("/")[0]

@@ -259,7 +259,8 @@ class TvmModule(_VmRunner):
                 else:
                     self.executable.export_library(tmps[1], **kwargs)
             except Exception as exc:
-                raise BackendError(f"export_library({path}) failed: {error_line(exc, last=True)}") from exc
+                why = error_line(exc, last=True).replace(tmps[1], path)  # name the user's path, not the temporary
+                raise BackendError(f"export_library({path}) failed: {why}") from exc
             if self.family == "cuda":
                 with open(tmps[2], "w") as f:
                     f.write(self.cuda_source)
