@@ -277,6 +277,7 @@ def test_report_summary_not_cut_mid_value():
 
 # --- eval: the unpruned row beside the pruned one -----------------------------------------------------------
 
+@pytest.mark.slow
 def test_eval_prints_unpruned_row(tmp_path, capsys):
     if not (os.path.isfile(DEIT_T_WEIGHTS) and os.path.isdir(IMAGENET_SAMPLE)):
         pytest.skip("real weights/images not available")

@@ -62,3 +62,24 @@ def test_load_so_prints_nothing(vit, cache, tmp_path, capfd):
     out, err = capfd.readouterr()
     assert out == "" and err == ""
     assert "Scope Loaded" in (cache / "logs" / "tvm.log").read_text()
+
+
+def test_quiet_from_several_threads_restores_the_terminal(cache, capfd):
+    import threading
+
+    barrier = threading.Barrier(3)
+
+    def work():
+        with logs.quiet("test"):
+            barrier.wait()
+            _c_write(2, "Scope Loaded:thread\n")
+            barrier.wait()
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    _c_write(2, "after\n")
+    out, err = capfd.readouterr()
+    assert err == "after\n" and (cache / "logs" / "tvm.log").read_text().count("Scope Loaded:thread") == 3

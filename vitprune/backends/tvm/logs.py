@@ -28,7 +28,6 @@ NOISE = re.compile(r"Fast mode segfaults when there are out-of-bounds indices|Sc
 PROBLEM = re.compile(r"\b(error|errors|failed|failure|exception|traceback)\b", re.IGNORECASE)
 
 _depth = threading.local()
-_fd_lock = threading.Lock()
 
 
 def verbose() -> bool:
@@ -56,41 +55,67 @@ def problems(text: str) -> list[str]:
     return [ln.strip() for ln in text.splitlines() if PROBLEM.search(ln) and not NOISE.search(ln)]
 
 
+class _Redirect:
+    """The process-wide redirection: made by the first :func:`quiet` to enter, undone by the last to leave
+    (file descriptors and ``sys.stdout`` belong to the process, not to a thread)."""
+
+    lock = threading.Lock()
+    users = 0
+    saved: tuple = ()
+    py: tuple = ()
+    log = console = None
+
+    @classmethod
+    def enter(cls, path: str) -> None:
+        with cls.lock:
+            cls.users += 1
+            if cls.users > 1:
+                return
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            cls.log = open(path, "a")
+            cls.saved = os.dup(1), os.dup(2)
+            cls.py = sys.stdout, sys.stderr
+            cls.console = io.TextIOWrapper(os.fdopen(os.dup(cls.saved[1]), "wb", buffering=0), write_through=True)
+            os.dup2(cls.log.fileno(), 1)
+            os.dup2(cls.log.fileno(), 2)
+            sys.stdout, sys.stderr = cls.log, cls.console
+
+    @classmethod
+    def leave(cls) -> None:
+        with cls.lock:
+            cls.users -= 1
+            if cls.users:
+                return
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os.dup2(cls.saved[0], 1)
+            os.dup2(cls.saved[1], 2)
+            for fd in cls.saved:
+                os.close(fd)
+            sys.stdout, sys.stderr = cls.py
+            cls.console.close()
+            cls.log.close()
+
+
 @contextlib.contextmanager
 def quiet(what: str = "TVM") -> Iterator[None]:
     """Route TVM's output (fd 1 and 2, and ``sys.stdout``) to :func:`log_path` while the block runs; then
-    warn once if it logged problems. Re-entrant; does nothing when :func:`verbose`."""
+    warn once if it logged problems. Re-entrant and safe from several threads; does nothing when
+    :func:`verbose`."""
     if verbose() or getattr(_depth, "n", 0):
         yield
         return
     _depth.n = 1
     path = log_path()
-    with _fd_lock:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        log = open(path, "a")
-        start = log.tell()
-        saved = os.dup(1), os.dup(2)
-        py = sys.stdout, sys.stderr
-        console = io.TextIOWrapper(os.fdopen(os.dup(saved[1]), "wb", buffering=0), write_through=True)
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-        sys.stdout, sys.stderr = log, console
+    start = os.path.getsize(path) if os.path.exists(path) else 0
+    _Redirect.enter(path)
     try:
         yield
     finally:
-        with _fd_lock:
-            for stream in (sys.stdout, sys.stderr):
-                with contextlib.suppress(Exception):
-                    stream.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
-            sys.stdout, sys.stderr = py
-            console.close()
-            log.close()
+        _Redirect.leave()
         _depth.n = 0
         _summarise(what, path, start)
 
