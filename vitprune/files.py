@@ -21,11 +21,21 @@ _LEGACY_TMP = re.compile(r"^\.tmp-(\d+)-")
 def left_by_dead_process(name: str, sep: str = ".tmp-") -> bool:
     """True if file name ``name`` is ``<anything><sep><pid>[.<ext>]`` (or the older ``.tmp-<pid>-<name>``)
     and process ``pid`` no longer exists."""
-    import psutil
-
+    if sep not in name:
+        return False
     legacy = _LEGACY_TMP.match(name) if sep == ".tmp-" else None
     pid = legacy.group(1) if legacy else name.rpartition(sep)[2].split(".")[0]
-    return sep in name and pid.isdigit() and not psutil.pid_exists(int(pid))
+    return pid.isdigit() and not _alive(int(pid))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 def remove_stale_temporaries(folder: str) -> None:
