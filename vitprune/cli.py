@@ -117,9 +117,11 @@ def calibration_from_args(args, transform, data: Optional[str] = None):
     from .errors import DataError
     from .passes.base import parse_pass_spec
 
+    def same(a, b) -> bool:
+        return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
+
     specs = [parse_pass_spec(s) for s in args.passes]
     needs = [p for p in specs if hasattr(p, "calib") and p.calib is None]
-    same = lambda a, b: a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)  # noqa: E731
     for p in specs:
         if hasattr(p, "calib") and same(p.calib, data):
             warnings.warn(f"pass {p.name!r} calibrates on calib={p.calib}, the folder being evaluated: its first "
