@@ -160,3 +160,20 @@ def test_onnx_needs_no_trust_but_is_checked(vit, tmp_path):
     onnx.save(m, path)
     with pytest.raises(UntrustedArtefactError, match="changed graph"):
         vitprune.load(path)
+
+
+def test_pt2_with_duplicate_members_refused(pt2, tmp_path):
+    import warnings
+
+    bad = str(tmp_path / "dup.pt2")
+    with zipfile.ZipFile(pt2) as src:
+        infos = [(i, src.read(i)) for i in src.infolist()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate name
+        with zipfile.ZipFile(bad, "w") as dst:
+            name = next(i.filename for i, _ in infos if i.filename.endswith("weights/weight_0"))
+            dst.writestr(name, b"\0" * 128)  # a first copy a reader might take, then the genuine archive
+            for i, data in infos:
+                dst.writestr(i, data)
+    with pytest.raises(UntrustedArtefactError, match="two members of one name"):
+        vitprune.load(bad, trust=True)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-from ..errors import BackendError, error_line
+from ..errors import BackendError, UntrustedArtefactError, error_line
 from ..files import atomic_write
 from ..ir.capture import check_image_batch, export_program
 from .artefact import require_trust, sha256_bytes, verify_hashes
@@ -81,6 +81,8 @@ def read_pt2_manifest(path: str, data: bytes) -> tuple[dict, dict]:
     """
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as z:
+            if len(set(z.namelist())) != len(z.namelist()):  # which copy a reader takes is unspecified
+                raise UntrustedArtefactError(f"refusing to load {path}: the archive holds two members of one name")
             names = [n for n in z.namelist() if n.endswith("/extra/" + MANIFEST_KEY)]
             manifest = json.loads(z.read(names[0])) if names else {}
             return manifest, _member_hashes(z)
