@@ -52,7 +52,7 @@ def test_export_load_fresh_process(tiny, tmp_path):
     # a fresh interpreter that never imports timm or the model code
     code = (
         "import sys, torch, vitprune\n"
-        f"m = vitprune.load({path!r})\n"
+        f"m = vitprune.load({path!r}, trust=True)\n"
         f"x = torch.load({str(tmp_path / 'x.pt')!r}); ref = torch.load({str(tmp_path / 'ref.pt')!r})\n"
         "assert 'timm' not in sys.modules, 'loading must not need model code'\n"
         "print(m.manifest['passes'][0]['pass'], float((m(x) - ref).abs().max()))\n"
@@ -71,7 +71,7 @@ def test_load_errors(tmp_path):
     bad = tmp_path / "bad.pt2"
     bad.write_bytes(b"not an archive")
     with pytest.raises(BackendError, match="not a readable torch.export archive"):
-        vitprune.load(str(bad))
+        vitprune.load(str(bad), trust=True)
     other = tmp_path / "m.xyz"
     other.write_bytes(b"")
     with pytest.raises(BackendError, match="unknown artefact type"):

@@ -2,8 +2,8 @@
 
 ``vitprune.compile(model, passes=[...], backend=..., example_inputs=x)`` captures the model
 into a torch.fx graph, runs pruning passes over its attention sites, lowers the result to a
-backend and returns a callable :class:`CompiledModule`; ``vitprune.load(path)`` reads back
-an exported artefact.
+backend and returns a callable :class:`CompiledModule`; ``vitprune.load(path, trust=...)`` reads
+back an exported artefact (``.pt2`` and ``.so`` can run code and need ``trust=True``: docs/security.md).
 """
 
 from ._version import __version__

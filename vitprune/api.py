@@ -13,10 +13,11 @@ from torch import nn
 from torch.fx import GraphModule
 
 from ._version import __version__
-from .backends import get_backend
+from .backends import check_export_path, get_backend
 from .errors import ParityError
+from .families import check_supported
 from .ir.flops import gmacs
-from .ir.capture import capture, check_example_inputs
+from .ir.capture import capture, check_example_inputs, check_image_batch
 from .passes.base import Pass, PassContext
 from .pipeline import PassLike, resolve_passes, run_passes
 
@@ -35,6 +36,7 @@ class CompileReport:
     gmacs_after: float
     passes: list = field(default_factory=list)
     seconds: float = 0.0
+    weights: str = "unknown"
 
     @property
     def gmacs_ratio(self) -> float:
@@ -45,6 +47,7 @@ class CompileReport:
             "model": self.model, "backend": self.backend, "input_shape": self.input_shape,
             "gmacs_before": self.gmacs_before, "gmacs_after": self.gmacs_after,
             "passes": self.passes, "seconds": round(self.seconds, 2), "vitprune_version": __version__,
+            "weights": self.weights,
         }
 
     def to_json(self, path: Optional[str] = None) -> str:
@@ -59,8 +62,20 @@ class CompileReport:
                  f"({100 * (1 - self.gmacs_ratio):.1f}% fewer)"]
         for p in self.passes:
             info = {k: v for k, v in p.items() if k not in ("pass", "config")}
-            lines.append(f"  {p['pass']}: {json.dumps(info, default=str)[:200]}")
+            lines.append(f"  {p['pass']}: {_summary(info)}")
         return "\n".join(lines)
+
+
+def _summary(info: dict, width: int = 200) -> str:
+    """``key=value`` pairs of a pass's report entry, whole pairs only, ending in "…" when cut at ``width``."""
+    parts, used = [], 0
+    for k, v in info.items():
+        text = f"{k}={json.dumps(v, default=str, separators=(',', ':'))}"
+        if used + len(text) > width and parts:
+            return " ".join(parts) + f" … (+{len(info) - len(parts)} more in report.to_json())"
+        parts.append(text if len(text) <= width else text[:width - 1] + "…")
+        used += len(text) + 1
+    return " ".join(parts)
 
 
 class CompiledModule:
@@ -81,6 +96,8 @@ class CompiledModule:
         self.example_inputs = example_inputs
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, classes]`` of images ``[B, C, H, W]`` at the compiled image size (BackendError otherwise)."""
+        check_image_batch(x, self.example_inputs[0].shape[1:], "this compiled model")
         return self.lowered(x)
 
     def manifest(self) -> dict:
@@ -93,9 +110,14 @@ class CompiledModule:
         }
 
     def export(self, path: str) -> str:
-        """Write the compiled model to ``path``; the suffix picks the format the backend writes
-        (``.pt2`` torch.export archive for the torch backend). ``vitprune.load(path)`` reads it.
+        """Write the compiled model to ``path``, atomically: ``.pt2`` (torch.export archive) for the torch
+        backend, ``.onnx`` for onnx, ``.so`` (+ ``.so.json``) for tvm. ``vitprune.load(path)`` reads it.
+
+        Raises:
+            BackendError: the suffix is not the backend's (:data:`vitprune.backends.EXPORT_SUFFIX`).
+            DataError: the folder is missing or read-only, or ``path`` names a folder.
         """
+        check_export_path(self.report.backend, path)
         return self.lowered.export(path, self.manifest())
 
 
@@ -135,6 +157,7 @@ def compile(model: nn.Module, passes: Union[PassLike, Sequence[PassLike]] = (), 
     """
     t0 = time.time()
     pass_list = resolve_passes(passes)  # validate every config before touching a graph
+    check_supported(type(model).__name__, [p.name for p in pass_list])
     example = check_example_inputs(example_inputs) if example_inputs is not None else default_example_inputs(model)
     gm = capture(model, example)
     image_shape = tuple(example[0].shape[1:])
@@ -147,7 +170,8 @@ def compile(model: nn.Module, passes: Union[PassLike, Sequence[PassLike]] = (), 
         _check_parity(gm, lowered, example, atol, warn_only=check_parity == "warn", backend=backend)
     report = CompileReport(model=gm.meta.get("vitprune_model_class", type(model).__name__), backend=backend,
                            input_shape=list(example[0].shape), gmacs_before=before, gmacs_after=after,
-                           passes=entries, seconds=time.time() - t0)
+                           passes=entries, seconds=time.time() - t0,
+                           weights=str(getattr(model, "vitprune_weights", "unknown")))
     return CompiledModule(gm, lowered, report, pass_list, example)
 
 

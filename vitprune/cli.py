@@ -23,6 +23,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .pipeline import describe
+
 COMMANDS: dict[str, tuple[Callable, Callable]] = {}
 
 
@@ -38,12 +40,45 @@ def command(name: str, configure: Callable[[argparse.ArgumentParser], None]):
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="timm model name, e.g. deit_tiny_patch16_224")
-    p.add_argument("--weights", help="safetensors state dict for the model (default: random weights)")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--weights", help="safetensors state dict for the model (default: random weights)")
+    w.add_argument("--pretrained", action="store_true",
+                   help="timm's pretrained weights from the Hugging Face hub (needs the network)")
+
+
+def model_from_args(args, uses_accuracy: bool = True):
+    """The model named by --model with --weights / --pretrained; warns that accuracy is meaningless when
+    neither is given and the command evaluates or exports (``uses_accuracy``)."""
+    import warnings
+
+    from .models import load_model
+
+    model = load_model(args.model, args.weights, pretrained=getattr(args, "pretrained", False))
+    if uses_accuracy and model.vitprune_weights == "random":
+        warnings.warn("random weights: accuracy is meaningless (give --weights FILE.safetensors or --pretrained)")
+    return model
 
 
 def add_pass_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pass", dest="passes", action="append", default=[], metavar="SPEC",
-                   help="pass spec name[:key=value,...]; repeat to run several in order")
+                   help="pass spec name[:key=value,...], a named pipeline (e.g. deit-s-fast) or a .json config; "
+                        "repeat to run several in order")
+    p.add_argument("--config", dest="passes", action="append", metavar="FILE.json",
+                   help="a pass-list config (written by search, sweep or export); runs in order with --pass")
+
+
+def resolve_cli_passes(args) -> list:
+    """``args.passes`` (spec strings, pipeline names, config paths) as configured passes, before any model
+    is loaded; a config file made for another model than ``--model`` is refused."""
+    from .pipeline import load_config, resolve_passes
+
+    out = []
+    for item in args.passes:
+        if isinstance(item, str) and item.strip().endswith(".json"):
+            out.extend(load_config(item.strip(), model=getattr(args, "model", None)))
+        else:
+            out.extend(resolve_passes(item))
+    return out
 
 
 def _info_args(p):
@@ -56,9 +91,8 @@ def cmd_info(args) -> int:
     """List the attention sites found in the model (after the given passes)."""
     from . import compile as vp_compile
     from .ir import find_attention_sites
-    from .models import load_model
 
-    model = load_model(args.model, args.weights)
+    model = model_from_args(args, uses_accuracy=False)
     compiled = vp_compile(model, passes=args.passes, progress=False)
     sites = find_attention_sites(compiled.graph_module)
     print(f"{args.model}: {len(sites)} attention sites, {compiled.report.gmacs_after:.3f} GMACs")
@@ -68,58 +102,134 @@ def cmd_info(args) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def add_calib_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", metavar="DIR",
+                   help="calibration image folder for passes that calibrate (snp, head-prune); when it is the --data "
+                        "folder, its first --calib-images images are held out from evaluation")
+    p.add_argument("--calib-images", type=positive_int, default=64, metavar="N", help="calibration images to use")
+
+
+def calibration_from_args(args, transform, data: Optional[str] = None):
+    """(calibration tensor or None, the image paths used) from --calib/--calib-images for the passes in
+    --pass; says how many images calibrate and how many are evaluated when --calib is the --data folder.
+
+    Raises:
+        DataError: a pass calibrates and neither --calib nor its calib= option gives images; --calib has no
+            readable image.
+    """
+    import os
+    import warnings
+
+    from .calibration import list_images
+    from .data import load_image_files
+    from .errors import DataError
+    def same(a, b) -> bool:
+        return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
+
+    from .pipeline import resolve_passes
+
+    specs = resolve_passes(list(args.passes))
+    needs = [p for p in specs if hasattr(p, "calib") and p.calib is None]
+    for p in specs:
+        if hasattr(p, "calib") and same(p.calib, data):
+            warnings.warn(f"pass {p.name!r} calibrates on calib={p.calib}, the folder being evaluated: its first "
+                          f"{p.calib_images} images are also evaluated; give --calib {p.calib} instead (without "
+                          f"calib=) to hold them out")
+    if not args.calib:
+        if needs:
+            raise DataError(f"pass {needs[0].name!r} needs calibration images: give --calib DIR (a folder of images; "
+                            f"it may be the --data folder, whose first --calib-images are then held out), or "
+                            f"calib=DIR in the pass spec")
+        return None, []
+    paths = list_images(args.calib)[: args.calib_images]
+    images, bad = load_image_files(paths, transform)
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unreadable calibration image(s), e.g. {bad[0]}")
+    if not len(images):
+        raise DataError(f"--calib {args.calib} has no readable image")
+    if len(images) < args.calib_images:
+        warnings.warn(f"--calib {args.calib} gave {len(images)} readable images, fewer than --calib-images "
+                      f"{args.calib_images}; calibrating on {len(images)}")
+    return images, (paths if same(args.calib, data) else [])
+
+
 def _eval_args(p):
     add_model_args(p)
     p.add_argument("--data", required=True, help="folder of <synset>_*.JPEG images with synsets.txt")
     add_pass_args(p)
-    p.add_argument("--backend", default="torch", help="torch (default), onnx or tvm")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "tvm"], help="where the model runs")
     p.add_argument("--target", help="backend target (tvm: cpu, cuda, arm)")
-    p.add_argument("--batch-size", type=int, default=50, help="evaluation and throughput batch size")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
-    p.add_argument("--limit", type=int, help="use only the first N images")
+    p.add_argument("--batch-size", type=positive_int, default=50, help="evaluation and throughput batch size")
+    p.add_argument("--threads", type=positive_int, default=torch.get_num_threads(), help="CPU threads")
+    p.add_argument("--limit", type=positive_int, help="evaluate only the first N images (default: all)")
     p.add_argument("--crop-pct", type=float, help="eval center-crop ratio (default: the paper's, DeiT 0.875)")
-    p.add_argument("--calib", help="calibration image folder for passes that need data")
-    p.add_argument("--calib-images", type=int, default=64, help="calibration images to use")
+    add_calib_args(p)
     p.add_argument("--json", help="write the numbers as JSON to this file")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 @command("eval", _eval_args)
 def cmd_eval(args) -> int:
-    """Top-1, agreement with the unpruned model, GMACs and throughput on a folder of real images."""
+    """Top-1, agreement with the unpruned model, GMACs and throughput, pruned beside unpruned."""
     from . import compile as vp_compile
+    from .data import check_labels
     from .eval import ImageFolder, evaluate, make_loader, throughput
-    from .data import load_images
-    from .models import eval_transform, load_model
+    from .files import write_text
+    from .models import eval_transform
 
     torch.set_num_threads(args.threads)
-    model = load_model(args.model, args.weights)
+    model = model_from_args(args)
     transform = eval_transform(model, args.crop_pct)
-    dataset = ImageFolder(args.data, transform, limit=args.limit)
-    calibration = load_images(args.calib, transform, args.calib_images) if args.calib else None
+    calibration, held_out = calibration_from_args(args, transform, data=args.data)
+    dataset = ImageFolder(args.data, transform, limit=args.limit, exclude=held_out)
+    check_labels(dataset, model.num_classes)
+    if calibration is not None:
+        where = f"held out from {args.data}" if held_out else f"from {args.calib}"
+        print(f"calibration: {len(calibration)} images {where}; evaluation: {len(dataset)} images", file=sys.stderr)
     options = _backend_options(args)
+    progress = not args.no_progress
     compiled = vp_compile(model, passes=args.passes, backend=args.backend, calibration=calibration,
-                          progress=not args.no_progress, **options)
-    reference = model if args.passes or args.backend != "torch" else None
-    res = evaluate(compiled, make_loader(dataset, args.batch_size), reference=reference, progress=not args.no_progress)
+                          progress=progress, **options)
+    pruned = bool(args.passes)
+    reference = model if pruned or args.backend != "torch" else None
+    res = evaluate(compiled, make_loader(dataset, args.batch_size), reference=reference, progress=progress)
     if reference is None:  # identity pipeline on torch: the reference is the model itself
         res["top1_agreement"], res["top1_reference"] = 100.0, res["top1"]
-    img_s = throughput(compiled, batch_size=args.batch_size, threads=args.threads, repeats=3)
+    shape = tuple(compiled.example_inputs[0].shape[1:])
+    img_s = throughput(compiled, batch_size=args.batch_size, threads=args.threads, image_shape=shape, repeats=3)
+    base_img_s = img_s
+    if pruned:  # the unpruned model on the same backend, measured in the same run
+        base = vp_compile(model, passes=[], backend=args.backend, progress=False, **options)
+        base_img_s = throughput(base, batch_size=args.batch_size, threads=args.threads, image_shape=shape, repeats=3)
     out = {
-        "model": args.model, "passes": args.passes, "backend": args.backend,
+        "model": args.model, "passes": [p.spec() for p in args.passes], "backend": args.backend, "weights": model.vitprune_weights,
         "top1": res["top1"], "top1_agreement": res["top1_agreement"], "top1_reference": res["top1_reference"],
         "correct": res["correct"], "images": res["images"], "skipped": res["skipped"],
+        "calibration_images": 0 if calibration is None else len(calibration), "calibration_held_out": bool(held_out),
         "gmacs": compiled.report.gmacs_after, "gmacs_base": compiled.report.gmacs_before,
-        "throughput_img_s": img_s, "batch_size": args.batch_size, "threads": args.threads,
-        "report": compiled.report.to_dict(),
+        "throughput_img_s": img_s, "throughput_base_img_s": base_img_s, "speedup": img_s / base_img_s,
+        "batch_size": args.batch_size, "threads": args.threads, "report": compiled.report.to_dict(),
     }
-    cols = ["model", "passes", "backend", "top-1 %", "agreement %", "GMACs", "img/s"]
-    print(format_table(cols, [[args.model, " ".join(args.passes) or "-", args.backend,
-                               f"{out['top1']:.1f} ({out['correct']}/{out['images']})",
-                               f"{out['top1_agreement']:.1f}", f"{out['gmacs']:.3f}", f"{img_s:.1f}"]]))
+    cols = ["model", "passes", "backend", "top-1 %", "agreement %", "GMACs", "img/s", "speedup"]
+    rows = [[args.model, "- (unpruned)", args.backend, f"{out['top1_reference']:.1f}", "100.0",
+             f"{out['gmacs_base']:.3f}", f"{base_img_s:.1f}", "1.00x"]] if pruned else []
+    rows.append([args.model, describe(args.passes), args.backend,
+                 f"{out['top1']:.1f} ({out['correct']}/{out['images']})", f"{out['top1_agreement']:.1f}",
+                 f"{out['gmacs']:.3f}", f"{img_s:.1f}", f"{out['speedup']:.2f}x"])
+    print(format_table(cols, rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2, default=str)
+        write_text(args.json, json.dumps(out, indent=2, default=str), "--json file")
     return 0
 
 
@@ -134,23 +244,30 @@ def _viz_args(p):
 @command("viz", _viz_args)
 def cmd_viz(args) -> int:
     """Draw which patches each pruning / merging layer keeps for one image (PNG)."""
-    from PIL import Image
+    import os
 
     from . import compile as vp_compile
+    from .data import load_image_files
     from .eval.viz import kept_token_map
-    from .models import eval_transform, load_model
+    from .errors import DataError
+    from .files import check_writable
+    from .models import eval_transform
 
     if not args.passes:
         raise ValueError("viz needs at least one token pass, e.g. --pass zero-tprune:target_gmacs=0.96")
-    model = load_model(args.model, args.weights)
-    with Image.open(args.image) as img:
-        x = eval_transform(model)(img.convert("RGB")).unsqueeze(0)
+    check_writable(args.out, "--out image")
+    model = model_from_args(args, uses_accuracy=False)
+    if not os.path.isfile(args.image):
+        raise DataError(f"image {args.image} does not exist")
+    x, bad = load_image_files([args.image], eval_transform(model))
+    if bad:
+        raise DataError(f"{args.image} is not a readable image (corrupt, or not an image format PIL reads)")
     compiled = vp_compile(model, passes=args.passes, example_inputs=x, progress=False)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     res = kept_token_map(compiled, x, args.out, **{k: cfg[k] for k in ("mean", "std") if k in cfg},
-                         title=f"{' '.join(args.passes)}: {compiled.report.gmacs_after:.3f} GMACs")
+                         title=f"{describe(args.passes)}: {compiled.report.gmacs_after:.3f} GMACs")
     if not res["layers"]:
-        raise ValueError(f"the passes {args.passes} prune or merge no tokens; nothing to draw")
+        raise ValueError(f"the passes {describe(args.passes)} prune or merge no tokens; nothing to draw")
     print(f"wrote {res['out']}: {len(res['layers'])} layers, {res['gmacs']:.3f} GMACs")
     if args.json:
         with open(args.json, "w") as f:
@@ -162,26 +279,27 @@ def _search_args(p):
     add_model_args(p)
     p.add_argument("--data", required=True, help="calibration folder of <synset>_*.JPEG images with synsets.txt")
     p.add_argument("--target-gmacs", type=float, required=True, help="GMACs budget per image")
-    p.add_argument("--trials", type=int, default=20, help="random schedules to try")
-    p.add_argument("--images", type=int, default=100, help="calibration images (the first N of the folder)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
+    p.add_argument("--trials", type=positive_int, default=20, help="random schedules to try")
+    p.add_argument("--images", type=positive_int, default=100, help="calibration images (the first N of the folder)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the search")
+    p.add_argument("--threads", type=positive_int, default=torch.get_num_threads(), help="CPU threads")
     p.add_argument("--out", required=True, help="JSON file for the best zero-tprune config")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 @command("search", _search_args)
 def cmd_search(args) -> int:
     """Monte Carlo search of a Zero-TPrune schedule for a GMACs budget on calibration images."""
-    from .models import load_model
     from .search import search_schedule
 
+    from .files import check_writable, write_text
+
+    check_writable(args.out, "--out file")
     torch.set_num_threads(args.threads)
-    model = load_model(args.model, args.weights)
+    model = model_from_args(args)
     best = search_schedule(model, args.data, args.target_gmacs, trials=args.trials, images=args.images,
                            seed=args.seed, progress=not args.no_progress)
-    with open(args.out, "w") as f:
-        json.dump(best, f, indent=2)
+    write_text(args.out, json.dumps(best, indent=2), "--out file")
     print(f"best of {args.trials}: agreement {best['agreement']:.1f} % on {best['images']} images, "
           f"{best['gmacs']:.3f} GMACs -> {args.out}")
     return 0
@@ -208,16 +326,16 @@ def _backend_options(args) -> dict:
 def _export_args(p):
     add_model_args(p)
     add_pass_args(p)
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "tvm"])
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "tvm"],
+                   help="artefact format: torch .pt2, onnx .onnx, tvm .so")
     p.add_argument("--target", help="tvm target: cpu (default), cuda, arm")
     p.add_argument("--arch", help="CUDA arch for --target cuda, e.g. sm_80")
     p.add_argument("--tune", action="store_true", help="tvm cpu: MetaSchedule-tune first (cached)")
-    p.add_argument("--trials", type=int, default=None,
+    p.add_argument("--trials", type=positive_int, default=None,
                    help="tvm: mean MetaSchedule trials per tuned task (budget = N x tasks worth tuning)")
-    p.add_argument("--batch-size", type=int, default=1, help="example batch (TVM builds for this batch)")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
-    p.add_argument("--calib", help="calibration image folder for passes that need data")
-    p.add_argument("--calib-images", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=1, help="example batch (TVM builds for this batch)")
+    p.add_argument("--threads", type=positive_int, default=torch.get_num_threads(), help="CPU threads")
+    add_calib_args(p)
     p.add_argument("--out", required=True, help="artefact path: .pt2 (torch), .onnx, .so (tvm)")
 
 
@@ -225,17 +343,15 @@ def _compile_from_args(args, check_parity=True):
     import os
 
     from . import compile as vp_compile
-    from .models import eval_transform, load_model
+    from .models import eval_transform
 
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
-    model = load_model(args.model, args.weights)
-    calibration = None
-    if getattr(args, "calib", None):
-        from .data import load_images
-
-        calibration = load_images(args.calib, eval_transform(model), args.calib_images)
+    model = model_from_args(args)
+    if not hasattr(args, "calib"):
+        args.calib = None
+    calibration, _ = calibration_from_args(args, eval_transform(model))
     cfg = getattr(model, "pretrained_cfg", None) or {}
     c, h, w = cfg.get("input_size", (3, 224, 224))
     x = torch.randn(args.batch_size, c, h, w)
@@ -247,6 +363,9 @@ def _compile_from_args(args, check_parity=True):
 @command("export", _export_args)
 def cmd_export(args) -> int:
     """Compile a model with passes for a backend/target and write a reloadable artefact."""
+    from .backends import check_export_path
+
+    check_export_path(args.backend, args.out)  # before minutes of compiling
     compiled = _compile_from_args(args)
     path = compiled.export(args.out)
     extra = [p for p in (path + ".json", path + ".cu") if args.backend == "tvm" and __import__("os").path.exists(p)]
@@ -258,17 +377,22 @@ def cmd_export(args) -> int:
 def _tune_args(p):
     add_model_args(p)
     add_pass_args(p)
-    p.add_argument("--trials", type=int, default=None,
+    p.add_argument("--trials", type=positive_int, default=None,
                    help="mean MetaSchedule trials per tuned task (default: the package's); "
                         "tasks the target's database already has cost nothing")
-    p.add_argument("--batch-size", type=int, default=1, help="batch size to tune for")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads (TVM num-cores)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="batch size to tune for")
+    p.add_argument("--threads", type=positive_int, default=torch.get_num_threads(), help="threads (TVM num-cores)")
+    add_calib_args(p)
 
 
 @command("tune", _tune_args)
 def cmd_tune(args) -> int:
     """MetaSchedule-tune a (pruned) model for this CPU; cached under $VITPRUNE_CACHE (second run is free)."""
+    from .backends.tvm.tuning import cache_root
+    from .files import check_folder
+
     args.backend, args.target, args.tune = "tvm", "cpu", True
+    check_folder(cache_root(), "the tuning cache (VITPRUNE_CACHE)")
     compiled = _compile_from_args(args)
     tr = compiled.lowered.tuning
     lib = getattr(compiled.lowered, "library_path", None)
@@ -289,22 +413,56 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitprune", description="Make pre-trained ViTs faster without fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (configure, fn) in COMMANDS.items():
-        p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0])
+        p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0],
+                           formatter_class=_HelpFormatter)
         configure(p)
+        p.add_argument("--verbose", action="store_true", help="show TVM's and MetaSchedule's log live")
         p.set_defaults(func=fn)
     return parser
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows an option's default where it says something (not None, False or empty) and the help does not."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and "default" not in text and action.default not in (None, False, [], argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return f"vitprune: warning: {message}\n"
+
+
+def _os_error_line(exc: OSError) -> str:
+    where = f" {exc.filename}" if exc.filename else ""
+    return f"{exc.strerror or exc}:{where}" if exc.strerror else str(exc)
 
 
 def main(argv: Optional[list] = None) -> int:
     """Entry point of the ``vitprune`` command; returns the exit status."""
     from .errors import VitpruneError
 
+    import os
+    import warnings
+
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ["VITPRUNE_VERBOSE"] = "1"
+    shown, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
+        if getattr(args, "passes", None) is not None:
+            args.passes = resolve_cli_passes(args)
         return args.func(args)
-    except (VitpruneError, FileNotFoundError, ValueError) as exc:
+    except (VitpruneError, ValueError) as exc:
         print(f"vitprune: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"vitprune: error: {_os_error_line(exc)}", file=sys.stderr)
+        return 2
+    finally:
+        warnings.formatwarning = shown
 
 
 if __name__ == "__main__":

@@ -45,25 +45,36 @@ class ImageFolder(Dataset):
     Args:
         root: folder with ``<synset>_*.JPEG`` files and ``synsets.txt``.
         transform: PIL image -> tensor (e.g. timm's eval transform for the model).
-        limit: use only the first ``limit`` images (sorted by file name) after ``offset``.
-        offset: skip the first ``offset`` images (e.g. the calibration images of the same folder).
+        limit: use only the first ``limit`` images (sorted by file name), ``>= 1``.
+        exclude: image paths to leave out (held out for calibration), before ``limit``.
+
+    Attributes:
+        num_classes: the number of classes ``synsets.txt`` lists.
+        unlisted: images whose synset ``synsets.txt`` does not list (not evaluated).
 
     Raises:
-        DataError: missing folder, missing ``synsets.txt``, or no labelled images.
+        DataError: missing folder, missing ``synsets.txt``, no labelled images, or ``limit < 1``.
     """
 
-    def __init__(self, root: str, transform: Callable, limit: Optional[int] = None, offset: int = 0):
+    def __init__(self, root: str, transform: Callable, limit: Optional[int] = None, exclude=()):
         if not os.path.isdir(root):
             raise DataError(f"data folder {root} does not exist")
+        if limit is not None and limit < 1:
+            raise DataError(f"limit must be a positive number of images, got {limit}")
         self.root = root
         self.transform = transform
         classes = read_synsets(os.path.join(root, "synsets.txt"))
-        files = sorted(f for f in os.listdir(root) if f.lower().endswith(IMAGE_SUFFIXES))
+        self.num_classes = len(classes)
+        skip = {os.path.abspath(p) for p in exclude}
+        files = sorted(f for f in os.listdir(root) if f.lower().endswith(IMAGE_SUFFIXES)
+                       and os.path.abspath(os.path.join(root, f)) not in skip)
         self.samples = [(os.path.join(root, f), classes[f.split("_")[0]]) for f in files if f.split("_")[0] in classes]
+        self.unlisted = len(files) - len(self.samples)
         if not self.samples:
             raise DataError(f"no labelled images in {root}: expected files named <synset>_<name>.JPEG whose synset "
                             "is listed in synsets.txt")
-        self.samples = self.samples[offset:offset + limit if limit is not None else None]
+        if limit is not None:
+            self.samples = self.samples[:limit]
         self.skipped: list[str] = []
 
     def __len__(self) -> int:
@@ -99,6 +110,35 @@ def load_images(root: str, transform: Callable, limit: Optional[int] = None) -> 
     ds = ImageFolder(root, transform, limit=limit)
     xs = [x for x, _, _ in make_loader(ds, batch_size=32) if len(x)]
     return torch.cat(xs) if xs else torch.empty(0)
+
+
+def check_labels(dataset: ImageFolder, num_classes: int) -> None:
+    """Refuse labels that cannot be the model's: ``synsets.txt`` must list exactly the model's classes
+    (a partial list would relabel classes by line number); warn about images whose synset it lacks.
+
+    Raises:
+        DataError: ``synsets.txt`` lists another number of classes than the model predicts.
+    """
+    if dataset.num_classes != num_classes:
+        raise DataError(f"{os.path.join(dataset.root, 'synsets.txt')} lists {dataset.num_classes} classes but the model "
+                        f"predicts {num_classes}: labels are line numbers of that file, so it must list all "
+                        f"{num_classes} classes in the model's order (ImageNet-1k: the standard synset order)")
+    if dataset.unlisted:
+        warnings.warn(f"{dataset.unlisted} image(s) in {dataset.root} have a synset not in synsets.txt and are not "
+                      f"evaluated", stacklevel=2)
+
+
+def load_image_files(paths, transform: Callable) -> tuple[torch.Tensor, list[str]]:
+    """The readable images among ``paths`` as ``[N, 3, H, W]`` (``transform`` applied), and the paths that
+    could not be read (named, not raised)."""
+    xs, bad = [], []
+    for p in paths:
+        try:
+            with Image.open(p) as img:
+                xs.append(transform(img.convert("RGB")))
+        except (OSError, UnidentifiedImageError, SyntaxError):
+            bad.append(p)
+    return (torch.stack(xs) if xs else torch.empty(0)), bad
 
 
 def warn_skipped(count: int, root: str) -> None:

@@ -32,3 +32,16 @@ class ParityError(VitpruneError):
 class PassError(VitpruneError):
     """A pass failed on a graph for a reason other than its configuration (the message names the
     pass and the passes that ran before it)."""
+
+
+def error_line(exc: BaseException, last: bool = False) -> str:
+    """``"<ExceptionType>: <first line of its message>"`` (``last=True``: the last non-empty line,
+    where TVM puts the cause): how a wrapped library error is quoted in one of our messages."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = (lines[-1] if last else lines[0]) if lines else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class UntrustedArtefactError(BackendError):
+    """An artefact whose format can run code on load was given without ``trust=True``, or its
+    files do not match the SHA-256 its manifest records."""

@@ -1,5 +1,6 @@
 """TVM backend: builds for cpu / cuda / arm, parity, pruned-graph ops, export/load and bad input."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -66,21 +67,23 @@ def test_export_load_so(tvm_vit, tmp_path):
     assert man["passes"][0]["pass"] == "explicit-attention" and man["target"]["kind"] == "llvm"
     assert sorted(os.listdir(tmp_path)) == ["m.so", "m.so.json"]  # no temporaries left
     x = torch.randn(2, 3, 32, 32)
-    assert torch.equal(vitprune.load(path)(x), tvm_vit(x))
+    assert torch.equal(vitprune.load(path, trust=True)(x), tvm_vit(x))
 
 
 def test_load_corrupt_and_foreign(tvm_vit, tmp_path):
     foreign = tmp_path / "foreign.so"
     foreign.write_bytes(b"\x7fELF not really")
     with pytest.raises(BackendError, match="no valid vitprune manifest"):
-        vitprune.load(str(foreign))
+        vitprune.load(str(foreign), trust=True)
     good = str(tmp_path / "m.so")
     tvm_vit.export(good)
     corrupt = tmp_path / "c.so"
     corrupt.write_bytes(b"garbage" * 100)
-    (tmp_path / "c.so.json").write_text(open(good + ".json").read())
+    man = json.load(open(good + ".json"))
+    man["files"] = {"c.so": hashlib.sha256(corrupt.read_bytes()).hexdigest()}
+    (tmp_path / "c.so.json").write_text(json.dumps(man))
     with pytest.raises(BackendError, match="not a loadable TVM library"):
-        vitprune.load(str(corrupt))
+        vitprune.load(str(corrupt), trust=True)
 
 
 def test_cuda_builds_without_gpu_and_refuses_to_load(vit, tmp_path):
@@ -95,7 +98,7 @@ def test_cuda_builds_without_gpu_and_refuses_to_load(vit, tmp_path):
     if tvm.cuda(0).exist:
         pytest.skip("a CUDA GPU is present: loading works here")
     with pytest.raises(BackendError, match="no CUDA GPU"):
-        vitprune.load(path)
+        vitprune.load(path, trust=True)
     with pytest.raises(BackendError, match="cannot run this TVM module here"):
         c(X1)
 
@@ -116,7 +119,7 @@ def test_arm_writes_aarch64_elf(vit, tmp_path):
     if subprocess.run(["which", "file"], capture_output=True).returncode == 0:
         assert "ARM aarch64" in subprocess.run(["file", path], capture_output=True, text=True).stdout
     with pytest.raises(BackendError, match="aarch64"):
-        vitprune.load(path)
+        vitprune.load(path, trust=True)
 
 
 def test_arm_missing_cross_compiler_leaves_nothing(vit, tmp_path, monkeypatch):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import warnings
 from typing import Any, Optional
 
@@ -18,15 +17,26 @@ import numpy as np
 import torch
 from torch.fx import GraphModule
 
-from ..errors import BackendError
+from ..errors import BackendError, error_line
+from ..files import atomic_write
 from ..ir.capture import export_program
+from .artefact import sha256_bytes, verify_hashes
 
 MANIFEST_KEY = "vitprune_manifest"
 OPSET = 18
 
 
-def _atomic_path(path: str) -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+
+
+def graph_hash(model) -> str:
+    """SHA-256 of an ``onnx.ModelProto`` serialised without its ``metadata_props`` (where the manifest
+    recording this hash lives): graph, weights, opsets."""
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.metadata_props[:]
+    return sha256_bytes(m.SerializeToString())
 
 
 def to_onnx_model(gm: GraphModule, example_inputs: tuple, dynamic_batch: bool = True, opset: int = OPSET):
@@ -55,7 +65,7 @@ def to_onnx_model(gm: GraphModule, example_inputs: tuple, dynamic_batch: bool = 
         model = prog.model_proto
         onnx.checker.check_model(model, full_check=False)
     except Exception as exc:
-        raise BackendError(f"ONNX export failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+        raise BackendError(f"ONNX export failed: {error_line(exc)}") from exc
     return model
 
 
@@ -79,8 +89,8 @@ class _OrtRunner:
         try:
             out = self.session.run(None, {self._input: arr})[0]
         except Exception as exc:
-            raise BackendError(f"onnxruntime could not run input of shape {tuple(x.shape)}: "
-                               f"{str(exc).strip().splitlines()[0]}") from exc
+            raise BackendError(f"onnxruntime could not run input of shape {list(x.shape)} (the model takes "
+                               f"{self.session.get_inputs()[0].shape}): {error_line(exc)}") from exc
         return torch.from_numpy(out)
 
     @property
@@ -97,51 +107,60 @@ class OnnxModule(_OrtRunner):
         self.session = _session(model.SerializeToString(), threads)
 
     def export(self, path: str, manifest: dict) -> str:
-        """Write ``path`` (``.onnx``) with ``manifest`` in ``metadata_props``; atomic."""
+        """Write ``path`` (``.onnx``) with ``manifest`` in ``metadata_props`` (with the SHA-256 of the
+        rest of the model, :func:`graph_hash`); atomic.
+
+        Raises:
+            DataError: ``path`` cannot be written.
+        """
         import onnx
 
         m = onnx.ModelProto()
         m.CopyFrom(self.model)
-        man = dict(manifest, onnx_opset=OPSET, threads=self.threads)
         del m.metadata_props[:]
+        man = dict(manifest, onnx_opset=OPSET, threads=self.threads, files={"graph": graph_hash(m)})
         entry = m.metadata_props.add()
         entry.key, entry.value = MANIFEST_KEY, json.dumps(man, default=str)
-        tmp = _atomic_path(path)
-        try:
+        with atomic_write(path, "artefact") as tmp:
             with open(tmp, "wb") as f:
                 f.write(m.SerializeToString())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         return path
 
 
 class LoadedOnnx(_OrtRunner):
     """An ``.onnx`` file loaded with no model code: ``[B, 3, H, W]`` -> logits.
 
+    Args:
+        trust: accepted for a uniform loader signature; ONNX holds no code, so it is never needed.
+
     Raises:
-        BackendError: the file is not a valid ONNX model.
+        UntrustedArtefactError: the model differs from the SHA-256 its manifest records.
+        BackendError: the file is not a valid ONNX model, or keeps weights in external files.
     """
 
-    def __init__(self, path: str, threads: Optional[int] = None):
+    def __init__(self, path: str, threads: Optional[int] = None, trust: bool = False):
         import onnx
 
         try:
-            model = onnx.load(path)
+            model = onnx.load(path, load_external_data=False)
             onnx.checker.check_model(model)
             if not model.graph.input:
                 raise ValueError("graph has no inputs")
+            if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+                raise ValueError("weights in external files (vitprune embeds them)")
         except Exception as exc:
-            raise BackendError(f"{path} is not a valid ONNX model: {type(exc).__name__}: "
-                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+            raise BackendError(f"{path} is not a valid ONNX model: {error_line(exc)}") from exc
         props = {p.key: p.value for p in model.metadata_props}
-        self.manifest = json.loads(props[MANIFEST_KEY]) if MANIFEST_KEY in props else {}
+        try:
+            self.manifest = json.loads(props[MANIFEST_KEY]) if MANIFEST_KEY in props else {}
+        except ValueError:
+            self.manifest = {}
+        verify_hashes(path, self.manifest.get("files"), {"graph": graph_hash(model)})
         self.threads = threads or self.manifest.get("threads") or torch.get_num_threads()
         try:
             self.session = _session(model.SerializeToString(), self.threads)
         except Exception as exc:
-            raise BackendError(f"onnxruntime cannot load {path}: {str(exc).strip().splitlines()[0]}") from exc
+            raise BackendError(f"onnxruntime cannot load {path}: {error_line(exc)}") from exc
 
 
 class OnnxBackend:

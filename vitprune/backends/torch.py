@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
-import os
+import zipfile
 from typing import Any
 
 import torch
 from torch.fx import GraphModule
 
-from ..errors import BackendError
-from ..ir.capture import export_program
+from ..errors import BackendError, UntrustedArtefactError, error_line
+from ..files import atomic_write
+from ..ir.capture import check_image_batch, export_program
+from .artefact import require_trust, sha256_bytes, verify_hashes
 
 MANIFEST_KEY = "vitprune_manifest.json"
 
@@ -39,32 +42,82 @@ class TorchModule:
 
 
 def save_pt2(gm: GraphModule, example_inputs: tuple, path: str, manifest: dict) -> str:
-    """Export ``gm`` (dynamic batch) to a ``.pt2`` archive at ``path``; written atomically."""
+    """Export ``gm`` (dynamic batch) to a ``.pt2`` archive at ``path``; written atomically.
+
+    The manifest is the archive member ``<archive>/extra/vitprune_manifest.json`` and records the
+    SHA-256 of every other member (``files``), which :class:`LoadedPt2` checks.
+
+    Raises:
+        DataError: ``path`` cannot be written (missing or read-only folder, a folder name).
+        BackendError: torch.export fails.
+    """
     ep = export_program(gm, example_inputs)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    try:
-        torch.export.save(ep, tmp, extra_files={MANIFEST_KEY: json.dumps(manifest)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path, "artefact") as tmp:
+        try:
+            with open(tmp, "wb") as f:  # a file object: the archive's folder is "archive", not the temporary name
+                torch.export.save(ep, f)
+        except OSError:
+            raise  # atomic_write turns it into one line naming path
+        except Exception as exc:
+            raise BackendError(f"torch.export.save({path}) failed: {error_line(exc).replace(tmp, path)}") from exc
+        with zipfile.ZipFile(tmp, "a") as z:
+            files = _member_hashes(z)
+            root = next(iter(files)).split("/")[0]
+            z.writestr(f"{root}/extra/{MANIFEST_KEY}", json.dumps(dict(manifest, files=files), default=str))
     return path
 
 
-class LoadedPt2:
-    """A ``.pt2`` archive loaded with no model code: ``[B, 3, H, W]`` -> logits."""
+def _member_hashes(z: zipfile.ZipFile) -> dict:
+    """SHA-256 of every member of a ``.pt2`` archive but the vitprune manifest."""
+    return {i.filename: sha256_bytes(z.read(i)) for i in z.infolist() if not i.filename.endswith("/" + MANIFEST_KEY)}
 
-    def __init__(self, path: str):
-        extra = {MANIFEST_KEY: ""}
+
+def read_pt2_manifest(path: str, data: bytes) -> tuple[dict, dict]:
+    """(manifest, SHA-256 of each other member) of the ``.pt2`` bytes ``data`` read from ``path``, read
+    with :mod:`zipfile` only (no unpickling).
+
+    Raises:
+        BackendError: not a zip archive.
+    """
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            if len(set(z.namelist())) != len(z.namelist()):  # which copy a reader takes is unspecified
+                raise UntrustedArtefactError(f"refusing to load {path}: the archive holds two members of one name")
+            names = [n for n in z.namelist() if n.endswith("/extra/" + MANIFEST_KEY)]
+            manifest = json.loads(z.read(names[0])) if names else {}
+            return manifest, _member_hashes(z)
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise BackendError(f"{path} is not a readable torch.export archive (.pt2): {error_line(exc)}") from exc
+
+
+class LoadedPt2:
+    """A ``.pt2`` archive loaded with no model code: ``[B, 3, H, W]`` -> logits.
+
+    Args:
+        trust: the archive can run code when loaded (docs/security.md); without ``trust=True`` it is refused.
+
+    Raises:
+        UntrustedArtefactError: ``trust`` is False, or a member differs from the SHA-256 the manifest records.
+        BackendError: not a torch.export archive.
+    """
+
+    def __init__(self, path: str, trust: bool = False):
+        require_trust(path, trust)
+        with open(path, "rb") as f:  # one read: the bytes checked are the bytes loaded
+            data = f.read()
+        self.manifest, hashes = read_pt2_manifest(path, data)
+        verify_hashes(path, self.manifest.get("files"), hashes)
         try:
-            ep = torch.export.load(path, extra_files=extra)
+            ep = torch.export.load(io.BytesIO(data))
         except Exception as exc:
-            raise BackendError(f"{path} is not a readable torch.export archive (.pt2): {type(exc).__name__}: {exc}") from exc
-        self.manifest = json.loads(extra[MANIFEST_KEY]) if extra[MANIFEST_KEY] else {}
+            raise BackendError(f"{path} is not a readable torch.export archive (.pt2): {error_line(exc)}") from exc
         self.module = ep.module()
+        self.path = path
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.manifest.get("input_shape"):
+            check_image_batch(x, self.manifest["input_shape"][1:], self.path)
         return self.module(x)
 
 

@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import warn_skipped
+from ..errors import DataError
 
 
 @torch.no_grad()
@@ -20,6 +21,9 @@ def evaluate(fn: Callable[[torch.Tensor], torch.Tensor], loader, reference: Opti
         loader: from :func:`vitprune.data.make_loader`.
         reference: optional images -> logits of the unpruned model; its top-1 predictions are
             compared with ``fn``'s.
+
+    Raises:
+        DataError: no batch held a readable image.
 
     Returns:
         ``{"top1": %, "correct": int, "images": int, "skipped": int}`` plus, with a reference,
@@ -37,7 +41,10 @@ def evaluate(fn: Callable[[torch.Tensor], torch.Tensor], loader, reference: Opti
             ref = reference(x).argmax(-1)
             agree += int((pred == ref).sum())
             ref_correct += int((ref == y).sum())
-    warn_skipped(skipped, getattr(loader.dataset, "root", "the data folder"))
+    root = getattr(loader.dataset, "root", "the data folder")
+    warn_skipped(skipped, root)
+    if n == 0:
+        raise DataError(f"no readable image to evaluate in {root} ({skipped} unreadable)")
     out = {"top1": 100.0 * correct / max(n, 1), "correct": correct, "images": n, "skipped": skipped}
     if reference is not None:
         out["top1_agreement"] = 100.0 * agree / max(n, 1)

@@ -12,6 +12,7 @@ lowest patch index, so a group that survives to the next panel keeps its colour)
 
 from __future__ import annotations
 
+
 from typing import Optional, Sequence
 
 import numpy as np
@@ -118,7 +119,7 @@ def draw_kept_tokens(image: np.ndarray, layers: Sequence[dict], out: str, num_pr
     panels = [("input", None)] + [(f"after block {L['block']}", L) for L in layers]
     cols = cols or min(len(panels), 5)
     rows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.5 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.9 * cols, 3.9 * rows), squeeze=False)
     rng = np.random.default_rng(0)
     palette = rng.uniform(0.15, 1.0, size=(4096, 3))
     for ax in axes.flat:
@@ -144,7 +145,7 @@ def draw_kept_tokens(image: np.ndarray, layers: Sequence[dict], out: str, num_pr
             elif counts[g] > 1:
                 img[sl] = 0.45 * img[sl] + 0.55 * palette[keys[p] % len(palette)]
         ax.imshow(img)
-        ax.set_title(f"{name}\n{layer_label(patches, L['kind'])}", fontsize=10)
+        ax.set_title(f"{name}\n{layer_label(patches, L['kind'])}", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=12)
     fig.tight_layout(rect=(0, 0, 1, 0.97 if rows > 1 else 0.93) if title else None)

@@ -67,6 +67,23 @@ def check_example_inputs(example_inputs) -> tuple[torch.Tensor]:
     return (example_inputs,)
 
 
+def check_image_batch(x, image_shape, where: str = "this model") -> None:
+    """Refuse a run-time input that is not ``[B, *image_shape]`` before it reaches torch / onnxruntime / TVM.
+
+    Raises:
+        BackendError: says the expected and the given shape, and how to get the size wanted.
+    """
+    from ..errors import BackendError
+
+    want = tuple(int(d) for d in image_shape)
+    got = tuple(x.shape) if isinstance(x, torch.Tensor) else None
+    if got is None or len(got) != 1 + len(want) or got[1:] != want:
+        given = f"input of shape {list(got)}" if got is not None else f"a {type(x).__name__}"
+        raise BackendError(f"{where} takes images [B, {', '.join(map(str, want))}], got {given}: resize / crop with "
+                           f"the model's eval transform (vitprune.models.eval_transform), or compile again with "
+                           f"example_inputs of the size you need (timm ViTs take img_size= at creation)")
+
+
 def export_program(module: nn.Module, example_inputs, dynamic_batch: bool = True) -> torch.export.ExportedProgram:
     """``torch.export`` a module (eval mode, no grad) with an optionally dynamic batch dimension.
 

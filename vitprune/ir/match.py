@@ -324,6 +324,9 @@ def find_attention_sites(gm: GraphModule) -> list[AttentionSite]:
     """
     num_patches = _num_patches(gm)
     sites = [_match_site(gm, core, i, num_patches) for i, core in enumerate(_cores(gm))]
+    for s in sites[1:]:  # after token pruning fewer tokens than patches remain; the prefix tokens stay
+        if num_patches is not None and s.num_tokens < num_patches:
+            s.num_prefix_tokens = sites[0].num_prefix_tokens
     if not sites:
         name = gm.meta.get("vitprune_model_class", type(gm).__name__)
         raise UnsupportedModelError(

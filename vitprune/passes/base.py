@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
@@ -81,9 +82,11 @@ class Pass:
     def validate(self) -> None:
         """Check the configuration before any graph is touched; raise InvalidPassConfigError.
 
-        The base class checks every ``Literal[...]`` field against its choices; subclasses call
-        ``super().validate()`` first, then check ranges and combinations.
+        The base class refuses NaN and infinite float options and checks every ``Literal[...]`` field
+        against its choices; subclasses call ``super().validate()`` first, then check ranges and
+        combinations.
         """
+        check_finite(self)
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             check_choice(self.name, f.name, getattr(self, f.name), hints.get(f.name))
@@ -125,6 +128,9 @@ class Pass:
         Raises:
             InvalidPassConfigError: unknown pass name or configuration key.
         """
+        if not isinstance(cfg, dict):
+            raise InvalidPassConfigError(f"a pass config must be a JSON object like {{\"pass\": \"tome\", ...}}, "
+                                         f"got a {type(cfg).__name__}")
         cfg = dict(cfg)
         name = cfg.pop("pass", None)
         cls = _lookup(name)
@@ -132,7 +138,12 @@ class Pass:
 
     @classmethod
     def from_json(cls, text: str) -> "Pass":
-        return Pass.from_config(json.loads(text))
+        """:meth:`from_config` of a JSON text; InvalidPassConfigError if it is not valid JSON."""
+        try:
+            cfg = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidPassConfigError(f"pass config is not valid JSON: {exc}") from None
+        return Pass.from_config(cfg)
 
 
 def _lookup(name: Optional[str]) -> type[Pass]:
@@ -186,6 +197,15 @@ def _no_option(cls: type[Pass], unknown: list) -> None:
         f"pass '{cls.name}' has no option {', '.join(repr(u) for u in unknown)}; "
         f"valid options: {', '.join(sorted(names)) or '(none)'}"
     )
+
+
+def check_finite(p: Pass) -> None:
+    """Refuse NaN and infinite values of every float option (and float list items) of a pass."""
+    for f in dataclasses.fields(p):
+        value = getattr(p, f.name)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+            raise InvalidPassConfigError(f"pass '{p.name}': option {f.name}={value!r} must be a finite number")
 
 
 def _convert(text: str, annotation) -> Any:

@@ -60,6 +60,7 @@ class SNPTokens(RecoveryOptions, Pass):
     criterion: Criterion = "activation"
 
     def validate(self) -> None:
+        super().validate()
         self.validate_recovery(self.name)
         if self.target_gmacs is None or not self.target_gmacs > 0:
             raise InvalidPassConfigError(f"snp-tokens: give target_gmacs > 0 (got {self.target_gmacs})")

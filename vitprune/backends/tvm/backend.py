@@ -17,10 +17,13 @@ renamed, so a failure leaves nothing half-written. :class:`LoadedTvm` reloads it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import re
+import tempfile
+import threading
 import time
 from typing import Any, Optional, Union
 
@@ -28,17 +31,16 @@ import numpy as np
 import torch
 from torch.fx import GraphModule
 
-from ...errors import BackendError
+from ...errors import BackendError, error_line
+from ...files import atomic_write, sha256_file
 from ...ir.capture import export_program
+from ..artefact import require_trust, sha256_bytes, verify_hashes
 from .targets import ARM_CROSS_CXX, find_cross_compiler, resolve_target, target_family, target_json
 from . import libcache as lc
+from .logs import quieted
 
 MANIFEST_SUFFIX = ".json"
 CUDA_SOURCE_SUFFIX = ".cu"
-
-
-def _tmp(path: str) -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}")
 
 
 def _origin(node) -> str:
@@ -88,8 +90,7 @@ def import_relax(gm: GraphModule, example_inputs: tuple, keep_params_as_input: b
     try:
         ep = export_program(gm, example_inputs, dynamic_batch=False).run_decompositions()
     except Exception as exc:
-        raise BackendError(f"torch.export of the graph failed before TVM import: {type(exc).__name__}: "
-                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+        raise BackendError(f"torch.export of the graph failed before TVM import: {error_line(exc)}") from exc
     check_importable(ep)
     try:
         return from_exported_program(ep, keep_params_as_input=keep_params_as_input, run_ep_decomposition=False)
@@ -134,9 +135,7 @@ def build(mod, target, tuning_dir: Optional[str] = None):
     except BackendError:
         raise
     except Exception as exc:
-        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-        raise BackendError(f"TVM build for {target_family(target)} failed: {type(exc).__name__}: "
-                           f"{lines[-1] if lines else ''}") from exc
+        raise BackendError(f"TVM build for {target_family(target)} failed: {error_line(exc, last=True)}") from exc
 
 
 def cuda_source(ex) -> str:
@@ -167,13 +166,19 @@ def _host_can_run(family: str) -> Optional[str]:
 
 class _VmRunner:
     """Run a Relax VM on ``[B, 3, H, W]`` with a static batch: other batch sizes are split / zero-padded
-    into chunks of the compiled batch (images are independent in a ViT)."""
+    into chunks of the compiled batch (images are independent in a ViT). Safe to call from several
+    threads: calls take turns on the one VM (its allocator is not thread-safe)."""
 
     vm: Any
     device: Any
     input_shape: tuple
+    _lock: threading.Lock
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            return self._run(x)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         import tvm
 
         if self.vm is None:
@@ -227,7 +232,9 @@ class TvmModule(_VmRunner):
         self.cuda_source = cuda_source(executable) if self.family == "cuda" else ""
         self._why_not = _host_can_run(self.family)
         self.vm, self.device = (None, None) if self._why_not else _make_vm(executable, self.family)
+        self._lock = threading.Lock()
 
+    @quieted
     def export(self, path: str, manifest: Optional[dict] = None) -> str:
         """Write ``path`` (shared library, weights embedded), ``path.json`` (manifest) and, for CUDA,
         ``path.cu`` (generated CUDA source). ARM uses the ``aarch64-linux-gnu-g++`` cross compiler.
@@ -243,42 +250,43 @@ class TvmModule(_VmRunner):
         man = dict(manifest or {"format": "vitprune"}, backend="tvm", target=json.loads(target_json(self.target)), target_family=self.family,
                    input_shape=list(self.input_shape), fast_math=self.fast_math,
                    tuned=bool(self.tuning), tuning_dir=getattr(self.tuning, "work_dir", None))
-        files = {path + MANIFEST_SUFFIX: json.dumps(man, indent=1, default=str)}
-        if self.family == "cuda":
-            files[path + CUDA_SOURCE_SUFFIX] = self.cuda_source
-        tmps = [_tmp(path)] + [_tmp(p) for p in files]
-        try:
+        parts = [path] + ([path + CUDA_SOURCE_SUFFIX] if self.family == "cuda" else [])
+        with contextlib.ExitStack() as stack:  # every file to a temporary, renamed when all are written
+            tmps = [stack.enter_context(atomic_write(p, "artefact")) for p in [path + MANIFEST_SUFFIX, *parts]]
             try:
                 if self.library_path is not None:
-                    lc.copy_library(self.library_path, tmps[0])
+                    lc.copy_library(self.library_path, tmps[1])
                 else:
-                    self.executable.export_library(tmps[0], **kwargs)
+                    self.executable.export_library(tmps[1], **kwargs)
             except Exception as exc:
-                raise BackendError(f"export_library({path}) failed: {type(exc).__name__}: "
-                                   f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}") from exc
-            for tmp, text in zip(tmps[1:], files.values()):
-                with open(tmp, "w") as f:
-                    f.write(text)
-            for tmp, final in zip(tmps, [path, *files]):
-                os.replace(tmp, final)
-        finally:
-            for tmp in tmps:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+                why = error_line(exc, last=True).replace(tmps[1], path)  # name the user's path, not the temporary
+                raise BackendError(f"export_library({path}) failed: {why}") from exc
+            if self.family == "cuda":
+                with open(tmps[2], "w") as f:
+                    f.write(self.cuda_source)
+            man["files"] = {os.path.basename(p): sha256_file(t) for p, t in zip(parts, tmps[1:])}
+            with open(tmps[0], "w") as f:
+                f.write(json.dumps(man, indent=1, default=str))
         return path
 
 
 class LoadedTvm(_VmRunner):
     """A ``.so`` written by :meth:`TvmModule.export`, loaded with no model code (needs ``path.json``).
 
+    Args:
+        trust: a ``.so`` is native code (docs/security.md); without ``trust=True`` it is refused.
+
     Raises:
+        UntrustedArtefactError: ``trust`` is False, or the library differs from the SHA-256 its manifest records.
         BackendError: no manifest next to it (foreign file), a corrupt library, or a library this
             machine cannot run (CUDA without a GPU, aarch64 on x86), saying which.
     """
 
-    def __init__(self, path: str):
+    @quieted
+    def __init__(self, path: str, trust: bool = False):
         import tvm
 
+        require_trust(path, trust)
         man_path = path + MANIFEST_SUFFIX
         try:
             with open(man_path) as f:
@@ -293,13 +301,24 @@ class LoadedTvm(_VmRunner):
         self._why_not = _host_can_run(self.family)
         if self._why_not:
             raise BackendError(f"cannot load {path}: {self._why_not}")
-        try:
-            lib = tvm.runtime.load_module(path)
-            self.vm, self.device = _make_vm(lib, self.family)
-        except Exception as exc:
-            lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-            raise BackendError(f"{path} is not a loadable TVM library (corrupt or foreign): {type(exc).__name__}: "
-                               f"{lines[-1] if lines else ''}") from exc
+        with open(path, "rb") as f:
+            data = f.read()
+        cuda = path + CUDA_SOURCE_SUFFIX
+        actual = {os.path.basename(path): sha256_bytes(data)}
+        if os.path.exists(cuda):
+            actual[os.path.basename(cuda)] = sha256_file(cuda)
+        verify_hashes(path, self.manifest.get("files"), actual)
+        with tempfile.TemporaryDirectory(prefix="vitprune-load-") as private:  # load the bytes that were checked
+            copy = os.path.join(private, os.path.basename(path))
+            with open(copy, "wb") as f:
+                f.write(data)
+            try:
+                lib = tvm.runtime.load_module(copy)
+                self.vm, self.device = _make_vm(lib, self.family)
+            except Exception as exc:
+                raise BackendError(f"{path} is not a loadable TVM library (corrupt or foreign): "
+                                   f"{error_line(exc, last=True)}") from exc
+        self._lock = threading.Lock()
 
 
 class TvmBackend:
@@ -317,6 +336,7 @@ class TvmBackend:
 
     name = "tvm"
 
+    @quieted
     def lower(self, gm: GraphModule, example_inputs: tuple, target: Union[str, dict] = "cpu",
               target_options: Optional[dict] = None, arch: Optional[str] = None, mcpu: Optional[str] = None,
               fast_math: Optional[bool] = None, tune: bool = False, trials: Optional[int] = None,
@@ -387,5 +407,5 @@ class TvmBackend:
             try:
                 return tvm.target.Target(dict(target, **overrides))
             except Exception as exc:
-                raise BackendError(f"TVM rejected target {target}: {str(exc).strip().splitlines()[0]}") from exc
+                raise BackendError(f"TVM rejected target {target}: {error_line(exc)}") from exc
         return resolve_target(target, **overrides)

@@ -33,7 +33,8 @@ from typing import Optional, Sequence
 import torch
 from torch.fx import GraphModule
 
-from .tuning import RECORDS, left_by_dead_process
+from ...files import atomic_write, remove_stale_temporaries
+from .tuning import RECORDS
 
 MAX_LIBRARIES = 8
 LIBS = "libs"
@@ -127,26 +128,17 @@ def store(executable, work_dir: str, key: Optional[str]) -> Optional[str]:
         return None
     path = library_path(work_dir, key)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.so"
     try:
-        executable.export_library(tmp)
-        os.replace(tmp, path)
+        with atomic_write(path, "library cache entry") as tmp:
+            executable.export_library(tmp)
     except Exception:
         return None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     _evict(os.path.dirname(path))
     return path
 
 
 def _evict(folder: str) -> None:
-    for f in os.listdir(folder):  # temporaries of processes that died while exporting
-        if left_by_dead_process(f, ".tmp-"):
-            try:
-                os.remove(os.path.join(folder, f))
-            except OSError:
-                pass
+    remove_stale_temporaries(folder)  # temporaries of processes that died while exporting
     libs = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".so") and ".tmp-" not in f]
     libs.sort(key=lambda p: os.stat(p).st_mtime, reverse=True)
     for p in libs[MAX_LIBRARIES:]:
@@ -158,10 +150,5 @@ def _evict(folder: str) -> None:
 
 def copy_library(src: str, dst: str) -> None:
     """Copy a cached library to ``dst`` (atomic: temporary name, then rename)."""
-    tmp = f"{dst}.tmp-{os.getpid()}"
-    try:
+    with atomic_write(dst, "library") as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from ...errors import BackendError
+from ...files import left_by_dead_process, write_text
 
 DEFAULT_TRIALS_PER_TASK = 32
 MANIFEST = "tasks.json"
@@ -97,14 +98,6 @@ def _remove_stale(root: str) -> None:
     for name in os.listdir(root):
         if left_by_dead_process(name, ".tmp-") or left_by_dead_process(name, ".merge-"):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-
-
-def left_by_dead_process(name: str, sep: str) -> bool:
-    """True if ``name`` is ``<anything><sep><pid>[.<ext>]`` and process ``pid`` no longer exists."""
-    import psutil
-
-    pid = name.rpartition(sep)[2].split(".")[0]
-    return sep in name and pid.isdigit() and not psutil.pid_exists(int(pid))
 
 
 def read_meta(work_dir: str) -> dict:
@@ -184,10 +177,7 @@ def _read_json(path: str) -> dict:
 
 
 def _write_json(path: str, value) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(value, indent=1), "tuning database file")
 
 
 class _Lock:

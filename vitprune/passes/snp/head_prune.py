@@ -48,6 +48,7 @@ class HeadPrune(RecoveryOptions, Pass):
     token_weight: Literal["none", "ln"] = "none"
 
     def validate(self) -> None:
+        super().validate()
         vals = self.heads if isinstance(self.heads, list) else [self.heads]
         if any(not isinstance(h, int) or h < 0 for h in vals):
             raise InvalidPassConfigError(f"head-prune: heads={self.heads!r} must be non-negative integers")

@@ -7,8 +7,7 @@ this one object. ``head-prune`` only overrides two defaults.
 
 from __future__ import annotations
 
-import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
@@ -19,20 +18,6 @@ from ...errors import InvalidPassConfigError
 Shrink = Literal["zero", "original"]
 TokenWeight = Literal["none", "ln", "fisher"]
 Recovery = Literal["full", "scale"]
-
-
-def check_literals(obj, name: str) -> None:
-    """Raise InvalidPassConfigError naming the field when a ``Literal[...]`` field of the dataclass
-    ``obj`` holds a value outside its choices (``name``: the pass name for the message)."""
-    hints = typing.get_type_hints(type(obj))
-    for f in fields(obj):
-        hint = hints.get(f.name)
-        if typing.get_origin(hint) is Literal:
-            choices = typing.get_args(hint)
-            value = getattr(obj, f.name)
-            if value not in choices:
-                raise InvalidPassConfigError(
-                    f"{name}: {f.name}={value!r} is not one of {', '.join(map(str, choices))}")
 
 
 @dataclass
@@ -71,8 +56,8 @@ class RecoveryOptions:
     batch_size: int = 16
 
     def validate_recovery(self, name: str) -> None:
-        """Check these options (``name``: the pass, for the message); raises InvalidPassConfigError."""
-        check_literals(self, name)
+        """Check these options' ranges (``name``: the pass, for the message; the ``Literal`` choices are
+        checked by :meth:`vitprune.passes.base.Pass.validate`); raises InvalidPassConfigError."""
         if self.calib_images < 1:
             raise InvalidPassConfigError(f"{name}: calib_images={self.calib_images} must be >= 1")
         if self.batch_size < 1:

@@ -188,6 +188,7 @@ class SNP(RecoveryOptions, Pass):
     blend: float = 1.0
 
     def validate(self) -> None:
+        super().validate()
         self.validate_recovery(self.name)
         if self.preset is not None and preset_name(self.preset) not in PRESETS:
             raise InvalidPassConfigError(
