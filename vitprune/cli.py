@@ -184,16 +184,19 @@ def _backend_options(args) -> dict:
     opts = {}
     if args.backend == "tvm":
         opts["target"] = args.target or "cpu"
+        device = device_from_args(args)
+        if device is not None:
+            opts["device"] = device
         if getattr(args, "arch", None):
             opts["arch"] = args.arch
         if getattr(args, "tune", False):
             opts.update(tune=True, trials=args.trials)
     elif args.backend == "onnx":
         opts["threads"] = args.threads
-    elif args.target:
+    elif args.target or getattr(args, "tracker", None):
         from .errors import BackendError
 
-        raise BackendError(f"--target applies to --backend tvm only, got --backend {args.backend}")
+        raise BackendError(f"--target/--tracker apply to --backend tvm only, got --backend {args.backend}")
     return opts
 
 
@@ -211,6 +214,7 @@ def _export_args(p):
     p.add_argument("--calib", help="calibration image folder for passes that need data")
     p.add_argument("--calib-images", type=int, default=64)
     p.add_argument("--out", required=True, help="artefact path: .pt2 (torch), .onnx, .so (tvm)")
+    add_device_args(p)
 
 
 def _compile_from_args(args, check_parity=True):
@@ -231,7 +235,8 @@ def _compile_from_args(args, check_parity=True):
     cfg = getattr(model, "pretrained_cfg", None) or {}
     c, h, w = cfg.get("input_size", (3, 224, 224))
     x = torch.randn(args.batch_size, c, h, w)
-    parity = check_parity and not (args.backend == "tvm" and (args.target or "cpu") != "cpu")
+    parity = check_parity and not (args.backend == "tvm" and (args.target or "cpu") != "cpu"
+                                   and not getattr(args, "tracker", None))  # remote: checked on the device
     return vp_compile(model, passes=args.passes, backend=args.backend, example_inputs=x, calibration=calibration,
                       check_parity=parity, **_backend_options(args))
 
@@ -255,18 +260,103 @@ def _tune_args(p):
                         "tasks the target's database already has cost nothing")
     p.add_argument("--batch-size", type=int, default=1, help="batch size to tune for")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads (TVM num-cores)")
+    p.add_argument("--target", default="cpu", help="cpu (this machine), or arm with --tracker (tune on the board)")
+    p.add_argument("--out", help="also export the tuned library here (.so, for the device it was tuned on)")
+    add_device_args(p)
 
 
 @command("tune", _tune_args)
 def cmd_tune(args) -> int:
-    """MetaSchedule-tune a (pruned) model for this CPU; cached under $VITPRUNE_CACHE (second run is free)."""
-    args.backend, args.target, args.tune = "tvm", "cpu", True
+    """MetaSchedule-tune a (pruned) model for this CPU or a remote device; cached under $VITPRUNE_CACHE (second run is free)."""
+    args.backend, args.tune = "tvm", True
     compiled = _compile_from_args(args)
+    _report_device_tuning(args, compiled)
     tr = compiled.lowered.tuning
     lib = getattr(compiled.lowered, "library_path", None)
     what = "cache hit" if tr.cache_hit else f"tuned {tr.num_tasks} tasks, {tr.trials} trials"
     print(f"{what} in {tr.seconds:.1f} s; database: {tr.work_dir}"
           + (f"; built library loaded from the cache: {lib}" if lib else ""))
+    if args.out:
+        print(f"wrote {compiled.export(args.out)}")
+    return 0
+
+
+def _report_device_tuning(args, compiled) -> None:
+    """Say where the tuning measured, and that an emulated device's timings say nothing about speed."""
+    dev = getattr(compiled.lowered, "remote", None)
+    if dev is None:
+        return
+    from .devices import device_info, is_emulated
+
+    info = device_info(compiled.lowered.session)
+    print(f"measured on {dev} ({info.get('triple') or 'unknown CPU'}, cpu {info.get('cpu') or '?'})")
+    if is_emulated(info, dev.key):
+        print("note: this device is emulated (qemu-user): its timings mean nothing for speed; the schedules "
+              "are only a check that remote tuning works. Tune on the real board for speed")
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """``--tracker HOST:PORT --device-key K [--device-timeout S]``: run / tune on a remote device (docs/devices.md)."""
+    p.add_argument("--tracker", help="TVM RPC tracker HOST:PORT of the device to run/tune on (tvm backend)")
+    p.add_argument("--device-key", help="device key registered with the tracker (vitprune device serve --key)")
+    p.add_argument("--device-timeout", type=float, default=60.0,
+                   help="seconds to wait for a free device, and per measurement session")
+
+
+def device_from_args(args):
+    """The :class:`vitprune.devices.Device` named by ``--tracker``/``--device-key``, or None."""
+    from .errors import BackendError
+
+    tracker, key = getattr(args, "tracker", None), getattr(args, "device_key", None)
+    if not tracker and not key:
+        return None
+    if not tracker or not key:
+        raise BackendError("--tracker HOST:PORT and --device-key K go together (the tracker and the key its "
+                           "devices registered with)")
+    if getattr(args, "backend", "tvm") != "tvm":
+        raise BackendError(f"--tracker applies to --backend tvm only, got --backend {args.backend}")
+    from . import devices
+
+    return devices.remote(tracker, key, timeout=args.device_timeout,
+                          session_timeout=max(args.device_timeout, 60.0))
+
+
+def _device_args(p):
+    sub = p.add_subparsers(dest="action", required=True)
+    serve = sub.add_parser("serve", help="run TVM's RPC server for this machine, registered with a tracker")
+    serve.add_argument("--tracker", help="tracker HOST:PORT to register with")
+    serve.add_argument("--key", required=True, help="device key, e.g. rpi4, rpi5, jetson-orin")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; a board "
+                                                            "serving a tracker elsewhere listens on its LAN address)")
+    serve.add_argument("--port", type=int, default=9090, help="first port to try")
+    lst = sub.add_parser("list", help="devices registered with a tracker (keys, total, free, pending)")
+    lst.add_argument("--tracker", required=True, help="tracker HOST:PORT")
+    trk = sub.add_parser("tracker", help="run TVM's RPC tracker in the foreground")
+    trk.add_argument("--host", default="127.0.0.1")
+    trk.add_argument("--port", type=int, default=9190)
+
+
+@command("device", _device_args)
+def cmd_device(args) -> int:
+    """Devices over TVM RPC: `serve` this machine, `list` a tracker's devices, run a `tracker`."""
+    from . import devices
+
+    if args.action == "serve":
+        devices.serve(args.tracker, args.key, host=args.host, port=args.port)
+    elif args.action == "list":
+        rows = devices.tracker_summary(args.tracker)
+        print(format_table(["key", "total", "free", "pending", "servers"],
+                           [[r["key"], r["total"], r["free"], r["pending"], " ".join(r["servers"])] for r in rows])
+              if rows else f"no devices registered with the tracker at {args.tracker}")
+    else:
+        tr = devices.start_tracker(args.host, args.port, args.port + 1)
+        print(f"RPC tracker on {args.host}:{tr.port}; Ctrl-C stops it", flush=True)
+        try:
+            tr.proc.join()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            tr.terminate()
     return 0
 
 

@@ -22,13 +22,38 @@ def fast_build(mod, target, _params):
     return tvm_build(mod, target=target)
 
 
-def pooled_builder(max_workers: int, timeout_sec: float = 60.0, uses: int = 64):
+def export_shared(mod) -> str:
+    """Export a built candidate as a shared library with the host compiler (MetaSchedule ``f_export``
+    signature): what an RPC server loads without a compiler of its own."""
+    import os
+    import tempfile
+
+    path = os.path.join(tempfile.mkdtemp(), "tvm_tmp_mod.so")
+    mod.export_library(path)
+    return path
+
+
+def export_shared_aarch64(mod) -> str:
+    """:func:`export_shared` with the AArch64 cross compiler (for ``arm`` devices)."""
+    import os
+    import tempfile
+
+    from .targets import export_kwargs
+
+    path = os.path.join(tempfile.mkdtemp(), "tvm_tmp_mod.so")
+    mod.export_library(path, **export_kwargs("arm"))
+    return path
+
+
+def pooled_builder(max_workers: int, timeout_sec: float = 60.0, uses: int = 64, f_export=None):
     """A MetaSchedule builder that builds with :func:`fast_build` in a persistent process pool.
 
     Args:
         max_workers: parallel build processes.
         timeout_sec: per-candidate build timeout (s); a timed-out build is reported as an error.
         uses: builds per worker before it is replaced (bounds the workers' memory growth).
+        f_export: how a built candidate is written for the runner (default: MetaSchedule's tar, which
+            the local runner links here; :func:`export_shared` / :func:`export_shared_aarch64` for RPC).
 
     Returns:
         a ``tvm.s_tir.meta_schedule.builder.PyBuilder`` instance; call ``.shutdown()`` when done.
@@ -46,7 +71,7 @@ def pooled_builder(max_workers: int, timeout_sec: float = 60.0, uses: int = 64):
                                           maximum_process_uses=uses)
 
         def build(self, build_inputs):
-            jobs = [(fast_build, None, b.mod, b.target, lb._serialize_params(b.params)) for b in build_inputs]
+            jobs = [(fast_build, f_export, b.mod, b.target, lb._serialize_params(b.params)) for b in build_inputs]
             results = []
             for res in self.pool.map_with_error_catching(lambda job: lb._worker_func(*job), jobs):
                 if res.status == StatusKind.COMPLETE:

@@ -71,6 +71,16 @@ def find_cross_compiler(cxx: str = ARM_CROSS_CXX) -> str:
     return path
 
 
+def export_kwargs(family: str) -> dict:
+    """Keyword arguments of ``export_library`` for a library of ``family``: the AArch64 cross
+    compiler for ``arm`` (:func:`find_cross_compiler`), nothing (the host compiler) otherwise."""
+    if family != "arm":
+        return {}
+    from tvm.support import cc
+
+    return {"fcompile": cc.cross_compiler(find_cross_compiler(ARM_CROSS_CXX))}
+
+
 def target_spec(name: str = "cpu", **overrides: Any) -> dict:
     """The JSON dict of a named target with ``overrides`` applied (keys as TVM spells them,
     ``num_cores`` also accepted for ``num-cores``).
