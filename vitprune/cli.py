@@ -82,6 +82,7 @@ def _eval_args(p):
     p.add_argument("--calib-images", type=int, default=64, help="calibration images to use")
     p.add_argument("--json", help="write the numbers as JSON to this file")
     p.add_argument("--no-progress", action="store_true")
+    add_device_args(p)
 
 
 @command("eval", _eval_args)
@@ -101,10 +102,15 @@ def cmd_eval(args) -> int:
     compiled = vp_compile(model, passes=args.passes, backend=args.backend, calibration=calibration,
                           progress=not args.no_progress, **options)
     reference = model if args.passes or args.backend != "torch" else None
-    res = evaluate(compiled, make_loader(dataset, args.batch_size), reference=reference, progress=not args.no_progress)
+    remote = options.get("device")
+    fn = EagerComparison(compiled) if remote is not None else compiled
+    res = evaluate(fn, make_loader(dataset, args.batch_size), reference=reference, progress=not args.no_progress)
     if reference is None:  # identity pipeline on torch: the reference is the model itself
         res["top1_agreement"], res["top1_reference"] = 100.0, res["top1"]
-    img_s = throughput(compiled, batch_size=args.batch_size, threads=args.threads, repeats=3)
+    if remote is not None:
+        img_s = _device_throughput(compiled, fn, remote)
+    else:
+        img_s = throughput(compiled, batch_size=args.batch_size, threads=args.threads, repeats=3)
     out = {
         "model": args.model, "passes": args.passes, "backend": args.backend,
         "top1": res["top1"], "top1_agreement": res["top1_agreement"], "top1_reference": res["top1_reference"],
@@ -113,6 +119,8 @@ def cmd_eval(args) -> int:
         "throughput_img_s": img_s, "batch_size": args.batch_size, "threads": args.threads,
         "report": compiled.report.to_dict(),
     }
+    if remote is not None:
+        out.update(device=str(remote), **fn.summary())
     cols = ["model", "passes", "backend", "top-1 %", "agreement %", "GMACs", "img/s"]
     print(format_table(cols, [[args.model, " ".join(args.passes) or "-", args.backend,
                                f"{out['top1']:.1f} ({out['correct']}/{out['images']})",
@@ -121,6 +129,40 @@ def cmd_eval(args) -> int:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2, default=str)
     return 0
+
+
+class EagerComparison:
+    """Runs a compiled module and, on the same images, its eager pruned graph: how far the backend
+    (on a remote device) is from eager PyTorch (top-1 agreement, max abs logit difference)."""
+
+    def __init__(self, compiled):
+        self.compiled, self.same, self.images, self.max_abs_diff = compiled, 0, 0, 0.0
+
+    def __call__(self, x):
+        out = self.compiled(x)
+        with torch.no_grad():
+            ref = self.compiled.graph_module(x)
+        self.same += int((out.argmax(-1) == ref.argmax(-1)).sum())
+        self.images += len(x)
+        self.max_abs_diff = max(self.max_abs_diff, float((out - ref).abs().max()))
+        return out
+
+    def summary(self) -> dict:
+        return {"top1_same_as_eager": self.same, "images_vs_eager": self.images,
+                "max_abs_logit_diff_vs_eager": self.max_abs_diff}
+
+
+def _device_throughput(compiled, cmp: EagerComparison, device) -> float:
+    """img/s on the remote device (TVM time_evaluator at the compiled batch), printing the eager check."""
+    from .devices import device_info, is_emulated
+
+    lowered = compiled.lowered
+    t = lowered.benchmark(repeat=3)
+    print(f"on {device}: top-1 same as eager PyTorch on {cmp.same}/{cmp.images} images, max abs logit difference "
+          f"{cmp.max_abs_diff:.2e}; latency {t['median_ms']:.1f} ms at batch {lowered.input_shape[0]} (median of 3)")
+    if is_emulated(device_info(lowered.session), device.key):
+        print("note: emulated device (qemu-user): its timings mean nothing for speed")
+    return 1000.0 * lowered.input_shape[0] / t["median_ms"]
 
 
 def _viz_args(p):
@@ -293,6 +335,75 @@ def _report_device_tuning(args, compiled) -> None:
     if is_emulated(info, dev.key):
         print("note: this device is emulated (qemu-user): its timings mean nothing for speed; the schedules "
               "are only a check that remote tuning works. Tune on the real board for speed")
+
+
+def _bench_args(p):
+    add_model_args(p)
+    add_pass_args(p)
+    p.add_argument("--target", default="cpu", help="tvm target: cpu, arm (with --tracker), cuda (on a GPU machine)")
+    p.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes to time (default 1,8)")
+    p.add_argument("--repeat", type=int, default=5, help="time_evaluator repeats (the median is reported)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads (local cpu)")
+    p.add_argument("--calib", help="calibration image folder for passes that need data")
+    p.add_argument("--calib-images", type=int, default=64)
+    p.add_argument("--json", help="write the rows as JSON to this file")
+    add_device_args(p)
+
+
+@command("bench", _bench_args)
+def cmd_bench(args) -> int:
+    """Time the TVM library on the device (time_evaluator, median of repeats): untuned vs tuned (cached), per batch size."""
+    import os
+
+    from . import compile as vp_compile
+    from .backends.tvm.backend import TvmBackend
+    from .models import eval_transform, load_model
+
+    args.backend = "tvm"
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
+    device = device_from_args(args)
+    model = load_model(args.model, args.weights)
+    calibration = None
+    if args.calib:
+        from .data import load_images
+
+        calibration = load_images(args.calib, eval_transform(model), args.calib_images)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    c, h, w = cfg.get("input_size", (3, 224, 224))
+    gm = vp_compile(model, passes=args.passes, example_inputs=torch.randn(1, c, h, w), calibration=calibration,
+                    progress=False).graph_module
+    try:
+        batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise ValueError(f"--batch-sizes must be integers separated by commas, got {args.batch_sizes!r}") from None
+    rows, out = [], []
+    for b in batches:
+        x = (torch.randn(b, c, h, w),)
+        times = {}
+        for label, use_cache in (("untuned", False), ("tuned", True)):
+            mod = TvmBackend().lower(gm, x, target=args.target, device=device, use_cache=use_cache, progress=False)
+            if label == "tuned" and not mod.tuning:
+                times[label] = None
+                continue
+            times[label] = mod.benchmark(repeat=args.repeat)["median_ms"]
+        tuned = times["tuned"]
+        rows.append([b, f"{times['untuned']:.2f}", f"{tuned:.2f}" if tuned else "not tuned (run vitprune tune)",
+                     f"{times['untuned'] / tuned:.2f}x" if tuned else "-"])
+        out.append({"batch": b, "untuned_ms": times["untuned"], "tuned_ms": tuned})
+    where = str(device) if device is not None else "this machine"
+    print(f"{args.model} {' '.join(args.passes) or '(no passes)'} on {where}, target {args.target}: "
+          f"latency, median of {args.repeat} (TVM time_evaluator)")
+    print(format_table(["batch", "untuned ms", "tuned ms", "tuned speed-up"], rows))
+    if device is not None:
+        from .devices import is_emulated
+
+        if is_emulated({}, device.key):
+            print("note: emulated device (qemu-user): its timings mean nothing for speed")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:

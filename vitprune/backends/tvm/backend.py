@@ -278,7 +278,7 @@ class TvmModule(_VmRunner):
         Raises:
             BackendError: the cross compiler is missing (says which package to install) or linking fails.
         """
-        kwargs = export_kwargs(self.family)
+        kwargs = export_kwargs(self.family, self.target)
         man = dict(manifest or {"format": "vitprune"}, backend="tvm", target=json.loads(target_json(self.target)), target_family=self.family,
                    input_shape=list(self.input_shape), fast_math=self.fast_math,
                    tuned=bool(self.tuning), tuning_dir=getattr(self.tuning, "work_dir", None),
@@ -397,7 +397,7 @@ class TvmBackend:
         ex = build(mod, tgt, tuning.work_dir if tuning else None, schedule_log=log)
         if tuning is not None:
             lc.store(ex, tuning.work_dir, lc.library_key(fingerprint, tgt, tuning.work_dir, fast_math, tune_ops),
-                     **export_kwargs(family))
+                     **export_kwargs(family, tgt))
         module = TvmModule(ex, tgt, tuple(example_inputs[0].shape), fast_math, tuning, device=device)
         module.schedule_fallbacks = list(log.fallbacks)
         return module

@@ -39,7 +39,7 @@ def open_session(device, target):
     return sess
 
 
-def upload_library(sess, executable=None, library_path: Optional[str] = None, family: str = "cpu"):
+def upload_library(sess, executable=None, library_path: Optional[str] = None, family: str = "cpu", target=None):
     """Upload a library (``library_path``, or ``executable`` exported now) and load it on the device.
 
     Returns:
@@ -53,7 +53,7 @@ def upload_library(sess, executable=None, library_path: Optional[str] = None, fa
         if library_path is None:
             tmpdir = tempfile.mkdtemp(prefix="vitprune-rpc-")
             library_path = os.path.join(tmpdir, "lib.so")
-            executable.export_library(library_path, **export_kwargs(family))
+            executable.export_library(library_path, **export_kwargs(family, target))
         # a unique name: the device's dlopen would return an earlier library loaded from the same path
         name = f"vitprune-{os.getpid()}-{uuid.uuid4().hex[:12]}-{os.path.basename(library_path)}"
         sess.upload(library_path, name)
@@ -77,7 +77,7 @@ def remote_vm(device, target, executable=None, library_path: Optional[str] = Non
 
     family = target_family(target)
     sess = open_session(device, target)
-    lib = upload_library(sess, executable, library_path, family)
+    lib = upload_library(sess, executable, library_path, family, target)
     dev = sess.cuda(0) if family == "cuda" else sess.cpu(0)
     try:
         return relax.VirtualMachine(lib, dev), dev, sess
