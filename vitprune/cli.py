@@ -9,6 +9,12 @@
     vitprune export --model NAME [--weights FILE] [--pass SPEC]... --backend onnx|tvm|torch
                   [--target cpu|cuda|arm] [--arch sm_80] [--tune [--trials N]] --out PATH
     vitprune tune --model NAME [--weights FILE] [--pass SPEC]... [--trials N] [--threads T]
+                  [--target cpu|arm|rpi4|rpi5] [--tracker HOST:PORT --device-key K] [--out PATH.so]
+    vitprune bench --model NAME [--pass SPEC]... [--target T] [--batch-sizes 1,8] [--tracker ... --device-key ...]
+    vitprune device serve --tracker HOST:PORT --key K | device list --tracker HOST:PORT | device tracker
+
+``--tracker HOST:PORT --device-key K`` (tune, eval, export, bench) runs on the devices registered with
+TVM's RPC tracker under that key (docs/devices.md).
 
 ``SPEC`` is ``name[:key=value[,key=value]]``; repeated ``--pass`` options run in order.
 Errors print one line ``vitprune: error: ...`` and exit with status 2.

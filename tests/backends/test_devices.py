@@ -77,6 +77,20 @@ def test_tracker_that_does_not_answer_names_the_address_and_how_to_start_one():
         devices.remote("127.0.0.1:notaport", "rpi4")
 
 
+def test_cli_says_what_is_wrong_in_one_line(capsys):
+    from vitprune.cli import main
+
+    port = _free_port()
+    assert main(["tune", "--model", "deit_tiny_patch16_224", "--tracker", f"127.0.0.1:{port}",
+                 "--device-key", "rpi4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"vitprune: error: no RPC tracker answers at 127.0.0.1:{port}")
+    assert main(["tune", "--model", "deit_tiny_patch16_224", "--tracker", f"127.0.0.1:{port}"]) == 2
+    assert "--device-key K go together" in capsys.readouterr().err
+    assert main(["tune", "--model", "deit_tiny_patch16_224", "--target", "arm"]) == 2
+    assert "or a remote device to measure on (--tracker" in capsys.readouterr().err
+
+
 def test_unknown_key_lists_the_keys_there(tracker, x86_pair):
     with pytest.raises(BackendError, match=r"no device is registered under key 'rpi9'.*x86-loop \(2\)"):
         devices.remote(tracker, "rpi9")
@@ -143,10 +157,12 @@ def tune_every_task(monkeypatch):
 def test_tune_on_two_devices_uses_both_and_matches_local_tune(x86_pair, tmp_path, tune_every_task):
     busy, stop = [], threading.Event()
 
-    def watch():
-        while not stop.wait(0.05):
-            busy.extend(r["total"] - r["free"] for r in devices.tracker_summary(x86_pair.tracker)
-                        if r["key"] == "x86-loop")
+    def watch():  # what `vitprune device list` shows, sampled from one tracker connection
+        sess = devices.connect_tracker(x86_pair.tracker)
+        while not stop.wait(0.1):
+            q = sess.summary()["queue_info"].get("x86-loop", {})
+            busy.append(2 - q.get("free", 2))
+        sess.close()
 
     gm, x = tiny_vit_graph(), torch.randn(2, 3, 32, 32)
     watcher = threading.Thread(target=watch, daemon=True)
@@ -167,6 +183,54 @@ def test_tune_on_two_devices_uses_both_and_matches_local_tune(x86_pair, tmp_path
     again = TvmBackend().lower(gm, (X1,), tune=True, trials=2, device=x86_pair, progress=False,
                                cache_dir=str(tmp_path / "remote"), tune_ops=["matmul"])
     assert again.tuning.cache_hit and again.tuning.trials == 0
+
+
+@pytest.mark.slow
+def test_device_lost_midway_keeps_records_and_rerun_resumes(tracker, tmp_path, tune_every_task):
+    from tvm import rpc
+
+    host, port = devices.parse_address(tracker)
+    start = lambda: rpc.Server(HOST, 9300, 9500, key="x86-flaky", tracker_addr=(host, port), silent=True)  # noqa: E731
+    server = start()
+    try:
+        assert _wait_registered(tracker, "x86-flaky", 1, 30)
+        dev = devices.remote(tracker, "x86-flaky", timeout=5, session_timeout=20)
+        cache = str(tmp_path / "cache")
+
+        def pull_the_plug():  # once the first records are measured, the device goes away
+            deadline = time.time() + 600
+            while time.time() < deadline:
+                tmps = [d for d in os.listdir(os.path.join(cache, "tuning")) if ".tmp-" in d] \
+                    if os.path.isdir(os.path.join(cache, "tuning")) else []
+                if any(os.path.getsize(os.path.join(cache, "tuning", d, tuning.RECORDS)) > 0 for d in tmps
+                       if os.path.exists(os.path.join(cache, "tuning", d, tuning.RECORDS))):
+                    server.terminate()
+                    return
+                time.sleep(0.2)
+
+        killer = threading.Thread(target=pull_the_plug, daemon=True)
+        killer.start()
+        gm = tiny_vit_graph()
+        with pytest.raises(BackendError, match=r"tuning on x86-flaky@.* stopped .*kept the \d+ trials.*rerun"):
+            TvmBackend().lower(gm, (X1,), tune=True, trials=4, device=dev, progress=False, cache_dir=cache,
+                               tune_ops=["matmul"])
+        killer.join()
+        work_dir = tuning.database_dir(TvmBackend.resolve("cpu"), cache)
+        kept = open(os.path.join(work_dir, tuning.RECORDS)).read().count("\n")
+        assert kept >= 1 and not [d for d in os.listdir(os.path.dirname(work_dir)) if ".tmp-" in d]
+        done_before = len(tuning._read_json(os.path.join(work_dir, tuning.MANIFEST)))
+
+        server = start()  # the device is back: the rerun tunes only what was not complete
+        assert _wait_registered(tracker, "x86-flaky", 1, 30)
+        again = TvmBackend().lower(gm, (X1,), tune=True, trials=4, device=dev, progress=False, cache_dir=cache,
+                                   tune_ops=["matmul"])
+        n_all = len(tuning._read_json(os.path.join(work_dir, tuning.MANIFEST)))
+        assert not again.tuning.cache_hit and 1 <= again.tuning.num_tasks <= n_all - done_before
+        assert open(os.path.join(work_dir, tuning.RECORDS)).read().count("\n") > kept
+        with torch.no_grad():
+            assert (again(X1) - gm(X1)).abs().max().item() <= 1e-4
+    finally:
+        server.terminate()
 
 
 # ---------------------------------------------------------------- the emulated arm64 device

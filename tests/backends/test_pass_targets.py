@@ -60,3 +60,17 @@ def test_arm_exports_an_aarch64_library(pruned, tmp_path):
     path = mod.export(str(tmp_path / "m.so"))
     head = open(path, "rb").read(20)
     assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == EM_AARCH64, name
+
+
+def test_board_presets():
+    from vitprune.backends.tvm.targets import BOARDS, export_kwargs, resolve_target, target_family
+
+    rpi4 = resolve_target("rpi4")
+    assert target_family(rpi4) == "arm" and rpi4.attrs["mcpu"] == "cortex-a72"
+    assert resolve_target("rpi5", mcpu="cortex-a55").attrs["mcpu"] == "cortex-a55"  # overrides win
+    orin = resolve_target("jetson-orin")
+    assert target_family(orin) == "cuda" and orin.attrs["arch"] == "sm_87"
+    assert orin.host.attrs["mtriple"] == "aarch64-linux-gnu" and orin.host.attrs["mcpu"] == BOARDS["jetson-orin"][2]
+    if __import__("shutil").which("aarch64-linux-gnu-g++"):
+        assert "fcompile" in export_kwargs("cuda", orin)   # the Jetson's host code is cross-compiled
+    assert export_kwargs("cuda", resolve_target("cuda")) == {}

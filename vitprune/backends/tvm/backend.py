@@ -373,6 +373,10 @@ class TvmBackend:
             fast_math = family != "cuda"
         remote = device is not None and device.is_remote
         cached = (family == "cpu" or (remote and family == "arm")) and (tune or use_cache)
+        if tune and not cached:
+            raise BackendError(f"tune=True needs target='cpu' (MetaSchedule measures on this machine), or a remote "
+                               f"device to measure on (--tracker HOST:PORT --device-key K, "
+                               f"device=vitprune.devices.remote(...)); got {family!r}")
         fingerprint = lc.graph_fingerprint(gm, example_inputs) if cached else None
         if cached:
             hit = self._cached_library(fingerprint, example_inputs, tgt, fast_math, cache_dir, tune_ops, device)
@@ -390,9 +394,6 @@ class TvmBackend:
                                  cache_dir=cache_dir, progress=progress, op_names=tune_ops, device=device)
             else:
                 tuning = tn.lookup(mod, tgt, cache_dir=cache_dir, op_names=tune_ops)
-        elif tune:
-            raise BackendError(f"tune=True needs target='cpu' (MetaSchedule measures on this machine), or a remote "
-                               f"device to measure on (device=vitprune.devices.remote(...)); got {family!r}")
         log = ScheduleLog()
         ex = build(mod, tgt, tuning.work_dir if tuning else None, schedule_log=log)
         if tuning is not None:

@@ -237,7 +237,8 @@ def _merge(src_dir: str, work_dir: str, untuned_ms: Optional[dict] = None) -> tu
             key = str(tvm_ffi.structural_hash(r.workload.mod))
             secs = [float(t) for t in (r.run_secs or [])]
             limit = (untuned_ms or {}).get(key, math.nan)
-            if not secs or max(secs) >= FAILED_RUN_SECS or (math.isfinite(limit) and 1000.0 * sum(secs) / len(secs) >= limit):
+            failed = not secs or max(secs) >= FAILED_RUN_SECS
+            if failed or (math.isfinite(limit) and 1000.0 * sum(secs) / len(secs) >= limit):
                 continue
             wl = dst.commit_workload(r.workload.mod)
             dst.commit_tuning_record(ms.database.TuningRecord(r.trace, wl, r.run_secs, r.target, r.args_info))
@@ -264,15 +265,13 @@ def _runner_and_export(target, device):
     """MetaSchedule runner and builder export for measuring on ``device`` (None: this machine):
     an ``RPCRunner`` with one worker per device registered under the key (they measure in parallel)
     and shared libraries the servers load as they are (cross-compiled for ``arm``)."""
-    from tvm.s_tir import meta_schedule as ms
-
-    from .fastbuild import export_shared, export_shared_aarch64
-    from .targets import target_family
-
     from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.runner import PyRunner
 
+    from .fastbuild import export_shared, export_shared_aarch64
     from .remote import alloc_argument_in_bounds, create_session_fail_fast
+    from .targets import target_family
 
     if device is None or not device.is_remote:
         return ms.runner.LocalRunner(timeout_sec=30), None
