@@ -468,12 +468,7 @@ def cmd_device(args) -> int:
     else:
         tr = devices.start_tracker(args.host, args.port, args.port + 1)
         print(f"RPC tracker on {args.host}:{tr.port}; Ctrl-C stops it", flush=True)
-        try:
-            tr.proc.join()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            tr.terminate()
+        devices.run_until_stopped(tr)
     return 0
 
 

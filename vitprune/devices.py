@@ -25,7 +25,7 @@ from .errors import BackendError
 
 DEFAULT_TRACKER_PORT = 9190
 DEFAULT_SERVER_PORT = 9090
-START_TRACKER = "python -m tvm.exec.rpc_tracker --host 127.0.0.1 --port {port}"
+START_TRACKER = "vitprune device tracker --port {port}` or `python -m tvm.exec.rpc_tracker --host 127.0.0.1 --port {port}"
 ARCH_OF_FAMILY = {"arm": "aarch64", "cpu": None, "cuda": None}
 
 
@@ -88,7 +88,7 @@ def tracker_summary(address) -> list[dict]:
     for key, q in data.get("queue_info", {}).items():
         row = rows.setdefault(key, {"key": key, "total": 0, "free": 0, "pending": 0, "servers": []})
         row["free"], row["pending"] = int(q.get("free", 0)), int(q.get("pending", 0))
-    return [rows[k] for k in sorted(rows)]
+    return [rows[k] for k in sorted(rows) if rows[k]["total"] or rows[k]["pending"]]  # as TVM's text_summary
 
 
 @dataclass(frozen=True)
@@ -251,7 +251,7 @@ def start_tracker(host: str = "127.0.0.1", port: int = DEFAULT_TRACKER_PORT, por
 
 
 def serve(tracker: Optional[str], key: str, host: str = "127.0.0.1", port: int = DEFAULT_SERVER_PORT,
-          port_end: int = DEFAULT_SERVER_PORT + 100) -> None:
+          port_end: Optional[int] = None) -> None:
     """Run TVM's RPC server for this machine (``tvm.rpc.Server``), registered under ``key`` with the
     tracker at ``tracker``, in the foreground until interrupted.
 
@@ -266,12 +266,25 @@ def serve(tracker: Optional[str], key: str, host: str = "127.0.0.1", port: int =
     if tracker:
         addr = parse_address(tracker)
         connect_tracker(addr).close()
-    server = rpc.Server(host, port, port_end, key=key, tracker_addr=addr, silent=True)
+    server = rpc.Server(host, port, port_end or port + 100, key=key, tracker_addr=addr, silent=True)
     print(f"RPC server for key {key!r} on {host}:{server.port}" + (f", registered with tracker {addr[0]}:{addr[1]}"
                                                                  if addr else "") + "; Ctrl-C stops it", flush=True)
+    run_until_stopped(server)
+
+
+def run_until_stopped(child) -> None:
+    """Wait on a TVM tracker/server child (``.proc.join()``) until it exits or this process gets
+    Ctrl-C or SIGTERM, then stop the child (killing only this process would leave it running)."""
+    import signal
+
+    def _stop(*_):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, _stop)
     try:
-        server.proc.join()
+        child.proc.join()
     except KeyboardInterrupt:
         pass
     finally:
-        server.terminate()
+        signal.signal(signal.SIGTERM, old)
+        child.terminate()
