@@ -349,23 +349,29 @@ def _valid_counts(db_dir: str) -> dict:
     return counts
 
 
-def _keep_partial(exc, tmp, work_dir, costs, plan, manifest, target, device) -> BackendError:
-    """After a remote tuning failed midway: merge the records measured so far into the database,
-    mark done only the tasks that got all their planned trials (a rerun tunes the rest), and return
-    the error to raise."""
+def _record_tasks(work_dir: str, manifest: dict, costs, plan: dict, scheduled: set, target) -> None:
+    """Mark the tasks of ``costs`` as handled in ``tasks.json`` (with their plan and whether a schedule
+    was kept) and write ``meta.json``."""
     import tvm
 
     from .targets import target_json
 
-    counts = _valid_counts(tmp)
-    measured, scheduled = _merge(tmp, work_dir, {c.key: c.untuned_ms for c in costs})
-    done = [c for c in costs if plan[c.key] == 0 or counts.get(c.key, 0) >= plan[c.key]]
-    for c in done:
+    for c in costs:
         manifest[c.key] = {"name": c.name, "weight": c.weight, "untuned_ms": round(c.untuned_ms, 4),
                            "trials": plan[c.key], "scheduled": c.key in scheduled}
     _write_json(os.path.join(work_dir, MANIFEST), manifest)
     _write_json(os.path.join(work_dir, META), {"tvm_version": tvm.__version__,
                                                "target": json.loads(target_json(target))})
+
+
+def _keep_partial(exc, tmp, work_dir, costs, plan, manifest, target, device) -> BackendError:
+    """After a remote tuning failed midway: merge the records measured so far into the database,
+    mark done only the tasks that got all their planned trials (a rerun tunes the rest), and return
+    the error to raise."""
+    counts = _valid_counts(tmp)
+    measured, scheduled = _merge(tmp, work_dir, {c.key: c.untuned_ms for c in costs})
+    done = [c for c in costs if plan[c.key] == 0 or counts.get(c.key, 0) >= plan[c.key]]
+    _record_tasks(work_dir, manifest, done, plan, scheduled, target)
     why = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
     return BackendError(f"tuning on {device} stopped ({why}); kept the {measured} trials measured so far in "
                         f"{work_dir} ({len(done)} of {len(costs)} tasks complete); rerun the same command to "
@@ -405,7 +411,7 @@ def tune(mod, target, trials_per_task: int = DEFAULT_TRIALS_PER_TASK, cache_dir:
     """
     import tvm
 
-    from .targets import target_family, target_json
+    from .targets import target_family
     from .tuning_plan import plan_trials
 
     if not isinstance(trials_per_task, int) or trials_per_task < 1:
@@ -458,12 +464,7 @@ def tune(mod, target, trials_per_task: int = DEFAULT_TRIALS_PER_TASK, cache_dir:
             stop.set()
             watcher.join()
             trials, scheduled = _merge(tmp, work_dir, {c.key: c.untuned_ms for c in costs})
-            for c in costs:
-                manifest[c.key] = {"name": c.name, "weight": c.weight, "untuned_ms": round(c.untuned_ms, 4),
-                                   "trials": plan[c.key], "scheduled": c.key in scheduled}
-            _write_json(os.path.join(work_dir, MANIFEST), manifest)
-            _write_json(os.path.join(work_dir, META), {"tvm_version": tvm.__version__,
-                                                       "target": json.loads(target_json(target))})
+            _record_tasks(work_dir, manifest, costs, plan, scheduled, target)
             _remember_graph(work_dir, gkey, len(tasks))
         except BackendError:
             raise
