@@ -9,8 +9,44 @@ Two costs of the stock ``LocalBuilder`` dominate tuning on a small machine, and 
   builds themselves): :class:`PooledBuilder` keeps one pool and recycles each worker after
   ``uses`` builds instead, which bounds the leak the same way.
 
+A third cost is paid once per process: MetaSchedule's ``TuneContext`` imports
+``tvm.s_tir.tensor_intrin``, whose ~200 TVMScript intrinsics each call ``inspect.stack()``, which looks
+up every frame's module by scanning ``sys.modules`` (thousands of modules once torch is loaded):
+170 s on the loaded 2-core machine, far more inside pytest. :func:`preload_tensor_intrin` imports it
+with a stack walk that only reads the frames and their source lines (13 s there).
+
 Kept small: pool workers import :func:`fast_build` by reference.
 """
+
+
+def preload_tensor_intrin() -> None:
+    """Import ``tvm.s_tir.tensor_intrin`` (the same intrinsics get registered) with a cheap
+    ``inspect.stack``: TVMScript's ``prim_func`` uses the outer frames' locals and the code line of
+    one of them, which are the same; skipped ``getmodule`` scans are the whole difference."""
+    import importlib
+    import inspect
+    import linecache
+    import sys
+
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+
+    def frames_only(context=1):
+        out, frame = [], sys._getframe(1)
+        while frame is not None:
+            code = frame.f_code
+            line = linecache.getline(code.co_filename, frame.f_lineno)
+            out.append(inspect.FrameInfo(frame, code.co_filename, frame.f_lineno, code.co_name,
+                                         [line] if line else None, 0 if line else None))
+            frame = frame.f_back
+        return out
+
+    real = inspect.stack
+    inspect.stack = frames_only
+    try:
+        importlib.import_module("tvm.s_tir.tensor_intrin")
+    finally:
+        inspect.stack = real
 
 
 def fast_build(mod, target, _params):

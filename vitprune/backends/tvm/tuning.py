@@ -298,8 +298,9 @@ def _run_metaschedule(tasks: list, plan: dict, tmp: str, target=None, device=Non
     measuring on ``device`` (None: this machine)."""
     from tvm.s_tir import meta_schedule as ms
 
-    from .fastbuild import pooled_builder
+    from .fastbuild import pooled_builder, preload_tensor_intrin
 
+    preload_tensor_intrin()
     by_key = {task_key(t): t for t in tasks}
     runner, f_export = _runner_and_export(target, device)
     builder = pooled_builder(max_workers=os.cpu_count() or 1, f_export=f_export)
