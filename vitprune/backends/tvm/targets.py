@@ -23,6 +23,7 @@ CUDA_ARCHS = {"50", "52", "53", "60", "61", "62", "70", "72", "75", "80", "86", 
 DEFAULT_CUDA_ARCH = "sm_80"
 ARM_TRIPLE = "aarch64-linux-gnu"
 ARM_DEFAULT_MCPU = "cortex-a76"
+ARM_DEFAULT_CORES = 4
 ARM_CROSS_CXX = "aarch64-linux-gnu-g++"
 ARM_APT = "apt-get install -y gcc-aarch64-linux-gnu g++-aarch64-linux-gnu"
 # Board presets (docs/devices.md): name -> (target, overrides, aarch64 host CPU for CUDA boards)
@@ -98,7 +99,7 @@ def target_spec(name: str = "cpu", **overrides: Any) -> dict:
 
     - ``cpu``: ``{"kind": "llvm", "mcpu": <host>, "num-cores": <threads>}``
     - ``cuda``: ``{"kind": "cuda", "arch": "sm_80"}`` with an llvm host
-    - ``arm``: ``{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76"}`` (NEON)
+    - ``arm``: ``{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76", "num-cores": 4}`` (NEON)
 
     Board presets (:data:`BOARDS`): ``rpi4``/``rpi5`` are ``arm`` with the board's ``mcpu``;
     ``jetson-*`` are ``cuda`` with the board's ``arch`` (and an aarch64 host, see :func:`resolve_target`).
@@ -116,7 +117,8 @@ def target_spec(name: str = "cpu", **overrides: Any) -> dict:
     elif name == "cuda":
         spec = {"kind": "cuda", "arch": DEFAULT_CUDA_ARCH}
     elif name == "arm":
-        spec = {"kind": "llvm", "mtriple": ARM_TRIPLE, "mcpu": ARM_DEFAULT_MCPU}
+        # num-cores: MetaSchedule needs it to tune; 4 = Raspberry Pi 4/5 (override for other boards)
+        spec = {"kind": "llvm", "mtriple": ARM_TRIPLE, "mcpu": ARM_DEFAULT_MCPU, "num-cores": ARM_DEFAULT_CORES}
     else:
         raise BackendError(f"unknown target {name!r}; use one of {', '.join(TARGET_NAMES + tuple(BOARDS))} "
                            f"(with overrides such as arch=sm_90 or mcpu=cortex-a72)")
