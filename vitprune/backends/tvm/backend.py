@@ -25,6 +25,7 @@ import re
 import tempfile
 import threading
 import time
+import warnings
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -35,8 +36,9 @@ from ...errors import BackendError, error_line
 from ...files import atomic_write, sha256_file
 from ...ir.capture import export_program
 from ..artefact import require_trust, sha256_bytes, verify_hashes
-from .targets import ARM_CROSS_CXX, find_cross_compiler, resolve_target, target_family, target_json
+from .targets import export_kwargs, resolve_target, target_family, target_json
 from . import libcache as lc
+from .cuda_schedule import ScheduleLog
 from .logs import quieted
 
 MANIFEST_SUFFIX = ".json"
@@ -118,24 +120,38 @@ def apply_fast_math(mod):
     return relax.transform.LegalizeOps(customize_legalize_map={"relax.nn.gelu": _fast_gelu})(mod)
 
 
-def build(mod, target, tuning_dir: Optional[str] = None):
+def build(mod, target, tuning_dir: Optional[str] = None, schedule_log=None):
     """``tvm.compile`` for ``target``; with ``tuning_dir`` the MetaSchedule database's schedules are applied.
+    CUDA builds use :func:`~vitprune.backends.tvm.cuda_schedule.cuda_pipeline` (a dlight rule that fails
+    on a function hands it to the next rule; each such fallback is recorded in ``schedule_log`` and
+    warned about).
 
     Raises:
-        BackendError: the build fails (TVM's message, first line).
+        BackendError: the build fails (TVM's message, first line), or no dlight rule schedules a CUDA function.
     """
     import tvm
 
+    from .cuda_schedule import cuda_pipeline
     from .tuning import apply_database
 
+    log = schedule_log if schedule_log is not None else ScheduleLog()
     try:
         if tuning_dir is not None:
             mod = apply_database(mod, target, tuning_dir)
-        return tvm.compile(mod, target=target)
+        if target_family(target) != "cuda":
+            return tvm.compile(mod, target=target)
+        ex = tvm.compile(mod, target=target, relax_pipeline=cuda_pipeline(target, log))
+        if log.fallbacks:
+            warnings.warn("CUDA build: a dlight rule failed on some functions; another rule scheduled them:\n"
+                          + log.summary(), stacklevel=2)
+        return ex
     except BackendError:
         raise
     except Exception as exc:
-        raise BackendError(f"TVM build for {target_family(target)} failed: {error_line(exc, last=True)}") from exc
+        where = (f" (no dlight rule could schedule {', '.join(fn for fn, _ in log.unscheduled)}: "
+                 f"{'; '.join(f'{r}: {e}' for _, fails in log.unscheduled for r, e in fails)[:300]})"
+                 if log.unscheduled else "")
+        raise BackendError(f"TVM build for {target_family(target)} failed: {error_line(exc, last=True)}{where}") from exc
 
 
 def cuda_source(ex) -> str:
@@ -195,7 +211,13 @@ class _VmRunner:
             arr = np.concatenate([arr, np.zeros((pad,) + arr.shape[1:], np.float32)])
         outs = []
         for i in range(0, arr.shape[0], b):
-            out = self.vm["main"](tvm.runtime.tensor(np.ascontiguousarray(arr[i:i + b]), self.device))
+            inp = tvm.runtime.tensor(np.ascontiguousarray(arr[i:i + b]), self.device)
+            if getattr(self, "session", None) is not None:  # over RPC a returned tuple stays remote
+                self.vm.set_input("main", inp)
+                self.vm.invoke_stateful("main")
+                out = self.vm.get_outputs("main")
+            else:
+                out = self.vm["main"](inp)
             if not hasattr(out, "numpy"):
                 out = out[0]
             outs.append(out.numpy())
@@ -221,7 +243,7 @@ class TvmModule(_VmRunner):
     """
 
     def __init__(self, executable, target, input_shape: tuple, fast_math: bool, tuning=None,
-                 library_path: Optional[str] = None):
+                 library_path: Optional[str] = None, device=None):
         self.executable = executable
         self.library_path = library_path
         self.target = target
@@ -229,10 +251,31 @@ class TvmModule(_VmRunner):
         self.input_shape = tuple(input_shape)
         self.fast_math = fast_math
         self.tuning = tuning
+        self.schedule_fallbacks: list = []  # CUDA: (function, failed dlight rule, error, rule used)
         self.cuda_source = cuda_source(executable) if self.family == "cuda" else ""
-        self._why_not = _host_can_run(self.family)
-        self.vm, self.device = (None, None) if self._why_not else _make_vm(executable, self.family)
+        self.remote = device if device is not None and device.is_remote else None
+        self.session = None
+        if self.remote is not None:  # runs on the device over RPC (vitprune.devices)
+            from .remote import remote_vm
+
+            self._why_not = None
+            self.vm, self.device, self.session = remote_vm(self.remote, target, executable, library_path)
+        else:
+            self._why_not = _host_can_run(self.family)
+            self.vm, self.device = (None, None) if self._why_not else _make_vm(executable, self.family)
         self._lock = threading.Lock()
+
+    def benchmark(self, repeat: int = 5, number: int = 1) -> dict:
+        """Latency on the device it runs on (TVM ``time_evaluator``; :func:`~vitprune.backends.tvm.remote.time_vm`).
+
+        Raises:
+            BackendError: the module cannot run here (see ``__call__``).
+        """
+        from .remote import time_vm
+
+        if self.vm is None:
+            raise BackendError(f"cannot time this TVM module here: {self._why_not}")
+        return time_vm(self.vm, self.device, self.input_shape, repeat=repeat, number=number)
 
     @quieted
     def export(self, path: str, manifest: Optional[dict] = None) -> str:
@@ -242,14 +285,11 @@ class TvmModule(_VmRunner):
         Raises:
             BackendError: the cross compiler is missing (says which package to install) or linking fails.
         """
-        from tvm.support import cc
-
-        kwargs = {}
-        if self.family == "arm":
-            kwargs["fcompile"] = cc.cross_compiler(find_cross_compiler(ARM_CROSS_CXX))
+        kwargs = export_kwargs(self.family, self.target)
         man = dict(manifest or {"format": "vitprune"}, backend="tvm", target=json.loads(target_json(self.target)), target_family=self.family,
                    input_shape=list(self.input_shape), fast_math=self.fast_math,
-                   tuned=bool(self.tuning), tuning_dir=getattr(self.tuning, "work_dir", None))
+                   tuned=bool(self.tuning), tuning_dir=getattr(self.tuning, "work_dir", None),
+                   schedule_fallbacks=[list(f) for f in self.schedule_fallbacks])
         parts = [path] + ([path + CUDA_SOURCE_SUFFIX] if self.family == "cuda" else [])
         with contextlib.ExitStack() as stack:  # every file to a temporary, renamed when all are written
             tmps = [stack.enter_context(atomic_write(p, "artefact")) for p in [path + MANIFEST_SUFFIX, *parts]]
@@ -328,7 +368,9 @@ class TvmBackend:
     - ``target_options``: dict of overrides (``{"arch": "sm_90"}``, ``{"mcpu": "cortex-a72"}``); ``arch=`` and
       ``mcpu=`` are also accepted directly;
     - ``fast_math``: default True on CPU/ARM, False on CUDA;
-    - ``tune``: MetaSchedule-tune (CPU only; from the cache when already tuned); ``trials``: mean per tuned task
+    - ``device``: a :class:`vitprune.devices.Device`; a remote one runs the module (and the parity check) on the
+      device over TVM RPC, and tuning measures there (so ``tune`` works for ``arm`` too);
+    - ``tune``: MetaSchedule-tune (CPU, or the target of a remote ``device``; from the cache when already tuned); ``trials``: mean per tuned task
       (default :data:`~vitprune.backends.tvm.tuning.DEFAULT_TRIALS_PER_TASK`); ``use_cache``: compile with a
       cached database when one exists even if ``tune=False`` (default True); ``cache_dir``; ``progress``;
       ``tune_ops``: tune only tasks whose name contains one of these (e.g. ``["matmul"]``).
@@ -341,18 +383,23 @@ class TvmBackend:
               target_options: Optional[dict] = None, arch: Optional[str] = None, mcpu: Optional[str] = None,
               fast_math: Optional[bool] = None, tune: bool = False, trials: Optional[int] = None,
               use_cache: bool = True, cache_dir: Optional[str] = None, progress: bool = True,
-              tune_ops: Optional[list] = None, **options: Any) -> TvmModule:
+              tune_ops: Optional[list] = None, device=None, **options: Any) -> TvmModule:
         if options:
             raise BackendError(f"tvm backend: unknown option(s) {sorted(options)}; valid: target, target_options, arch, "
-                               f"mcpu, fast_math, tune, trials, tune_ops, use_cache, cache_dir, progress")
+                               f"mcpu, fast_math, tune, trials, tune_ops, use_cache, cache_dir, progress, device")
         tgt = self.resolve(target, target_options, arch=arch, mcpu=mcpu)
         family = target_family(tgt)
         if fast_math is None:
             fast_math = family != "cuda"
-        cached = family == "cpu" and (tune or use_cache)
+        remote = device is not None and device.is_remote
+        cached = (family == "cpu" or (remote and family == "arm")) and (tune or use_cache)
+        if tune and not cached:
+            raise BackendError(f"tune=True needs target='cpu' (MetaSchedule measures on this machine), or a remote "
+                               f"device to measure on (--tracker HOST:PORT --device-key K, "
+                               f"device=vitprune.devices.remote(...)); got {family!r}")
         fingerprint = lc.graph_fingerprint(gm, example_inputs) if cached else None
         if cached:
-            hit = self._cached_library(fingerprint, example_inputs, tgt, fast_math, cache_dir, tune_ops)
+            hit = self._cached_library(fingerprint, example_inputs, tgt, fast_math, cache_dir, tune_ops, device)
             if hit is not None:
                 return hit
         mod = import_relax(gm, example_inputs)
@@ -364,18 +411,21 @@ class TvmBackend:
 
             if tune:
                 tuning = tn.tune(mod, tgt, trials_per_task=trials or tn.DEFAULT_TRIALS_PER_TASK,
-                                 cache_dir=cache_dir, progress=progress, op_names=tune_ops)
+                                 cache_dir=cache_dir, progress=progress, op_names=tune_ops, device=device)
             else:
                 tuning = tn.lookup(mod, tgt, cache_dir=cache_dir, op_names=tune_ops)
-        elif tune:
-            raise BackendError(f"tune=True needs target='cpu' (MetaSchedule measures on this machine); got {family!r}")
-        ex = build(mod, tgt, tuning.work_dir if tuning else None)
+        log = ScheduleLog()
+        ex = build(mod, tgt, tuning.work_dir if tuning else None, schedule_log=log)
         if tuning is not None:
-            lc.store(ex, tuning.work_dir, lc.library_key(fingerprint, tgt, tuning.work_dir, fast_math, tune_ops))
-        return TvmModule(ex, tgt, tuple(example_inputs[0].shape), fast_math, tuning)
+            lc.store(ex, tuning.work_dir, lc.library_key(fingerprint, tgt, tuning.work_dir, fast_math, tune_ops),
+                     **export_kwargs(family, tgt))
+        module = TvmModule(ex, tgt, tuple(example_inputs[0].shape), fast_math, tuning, device=device)
+        module.schedule_fallbacks = list(log.fallbacks)
+        return module
 
     @staticmethod
-    def _cached_library(fingerprint, example_inputs, tgt, fast_math, cache_dir, tune_ops) -> Optional[TvmModule]:
+    def _cached_library(fingerprint, example_inputs, tgt, fast_math, cache_dir, tune_ops,
+                        device=None) -> Optional[TvmModule]:
         """The tuned library of the graph with this :func:`~vitprune.backends.tvm.libcache.graph_fingerprint`
         from the library cache, or None (build it)."""
         import tvm
@@ -390,12 +440,15 @@ class TvmBackend:
         path = lc.find(work_dir, key)
         if path is None:
             return None
-        try:
-            lib = tvm.runtime.load_module(path)
-        except Exception:  # a corrupt cache entry: rebuild (and overwrite it)
-            return None
+        lib = None
+        if _host_can_run(target_family(tgt)) is None:  # else it is uploaded to the device as it is
+            try:
+                lib = tvm.runtime.load_module(path)
+            except Exception:  # a corrupt cache entry: rebuild (and overwrite it)
+                return None
         tuning = TuneResult(work_dir, True, 0, 0, time.time() - t0)
-        return TvmModule(lib, tgt, tuple(example_inputs[0].shape), fast_math, tuning, library_path=path)
+        return TvmModule(lib, tgt, tuple(example_inputs[0].shape), fast_math, tuning, library_path=path,
+                         device=device)
 
     @staticmethod
     def resolve(target: Union[str, dict], target_options: Optional[dict] = None, **extra):

@@ -120,8 +120,9 @@ def find(work_dir: str, key: Optional[str]) -> Optional[str]:
     return path
 
 
-def store(executable, work_dir: str, key: Optional[str]) -> Optional[str]:
-    """Export ``executable`` (a CPU ``relax.VMExecutable``) as the library for ``key``; evict the
+def store(executable, work_dir: str, key: Optional[str], **export_options) -> Optional[str]:
+    """Export ``executable`` (a CPU or ARM ``relax.VMExecutable``; ``export_options`` go to
+    ``export_library``, e.g. the cross compiler) as the library for ``key``; evict the
     least recently used beyond :data:`MAX_LIBRARIES`. Returns the path, or None when ``key`` is None
     or the export fails (the cache is an optimisation: a failure leaves it as it was)."""
     if key is None:
@@ -130,7 +131,7 @@ def store(executable, work_dir: str, key: Optional[str]) -> Optional[str]:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
         with atomic_write(path, "library cache entry") as tmp:
-            executable.export_library(tmp)
+            executable.export_library(tmp, **export_options)
     except Exception:
         return None
     _evict(os.path.dirname(path))

@@ -23,8 +23,17 @@ CUDA_ARCHS = {"50", "52", "53", "60", "61", "62", "70", "72", "75", "80", "86", 
 DEFAULT_CUDA_ARCH = "sm_80"
 ARM_TRIPLE = "aarch64-linux-gnu"
 ARM_DEFAULT_MCPU = "cortex-a76"
+ARM_DEFAULT_CORES = 4
 ARM_CROSS_CXX = "aarch64-linux-gnu-g++"
 ARM_APT = "apt-get install -y gcc-aarch64-linux-gnu g++-aarch64-linux-gnu"
+# Board presets (docs/devices.md): name -> (target, overrides, aarch64 host CPU for CUDA boards)
+BOARDS = {
+    "rpi4": ("arm", {"mcpu": "cortex-a72"}, None),         # Raspberry Pi 4 (BCM2711)
+    "rpi5": ("arm", {"mcpu": "cortex-a76"}, None),         # Raspberry Pi 5 (BCM2712)
+    "jetson-nano": ("cuda", {"arch": "sm_53"}, "cortex-a57"),
+    "jetson-xavier": ("cuda", {"arch": "sm_72"}, "carmel"),
+    "jetson-orin": ("cuda", {"arch": "sm_87"}, "cortex-a78ae"),
+}
 
 
 def default_threads() -> int:
@@ -71,27 +80,47 @@ def find_cross_compiler(cxx: str = ARM_CROSS_CXX) -> str:
     return path
 
 
+def export_kwargs(family: str, target=None) -> dict:
+    """Keyword arguments of ``export_library`` for a library of ``family``: the AArch64 cross
+    compiler for ``arm`` and for CUDA with an aarch64 host (Jetson, :data:`BOARDS`;
+    :func:`find_cross_compiler`), nothing (the host compiler) otherwise."""
+    host = getattr(target, "host", None) if target is not None else None
+    aarch64_host = host is not None and "aarch64" in str(host.attrs.get("mtriple", "") if "mtriple" in host.attrs else "")
+    if family != "arm" and not aarch64_host:
+        return {}
+    from tvm.support import cc
+
+    return {"fcompile": cc.cross_compiler(find_cross_compiler(ARM_CROSS_CXX))}
+
+
 def target_spec(name: str = "cpu", **overrides: Any) -> dict:
     """The JSON dict of a named target with ``overrides`` applied (keys as TVM spells them,
     ``num_cores`` also accepted for ``num-cores``).
 
     - ``cpu``: ``{"kind": "llvm", "mcpu": <host>, "num-cores": <threads>}``
     - ``cuda``: ``{"kind": "cuda", "arch": "sm_80"}`` with an llvm host
-    - ``arm``: ``{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76"}`` (NEON)
+    - ``arm``: ``{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76", "num-cores": 4}`` (NEON)
+
+    Board presets (:data:`BOARDS`): ``rpi4``/``rpi5`` are ``arm`` with the board's ``mcpu``;
+    ``jetson-*`` are ``cuda`` with the board's ``arch`` (and an aarch64 host, see :func:`resolve_target`).
 
     Raises:
         BackendError: unknown name or an invalid CUDA arch.
     """
     name = ALIASES.get(name, name)
+    if name in BOARDS:
+        base, preset, _ = BOARDS[name]
+        return target_spec(base, **dict(preset, **overrides))
     overrides = {k.replace("_", "-") if k in ("num_cores",) else k: v for k, v in overrides.items() if v is not None}
     if name == "cpu":
         spec = {"kind": "llvm", "mcpu": host_mcpu(), "num-cores": default_threads()}
     elif name == "cuda":
         spec = {"kind": "cuda", "arch": DEFAULT_CUDA_ARCH}
     elif name == "arm":
-        spec = {"kind": "llvm", "mtriple": ARM_TRIPLE, "mcpu": ARM_DEFAULT_MCPU}
+        # num-cores: MetaSchedule needs it to tune; 4 = Raspberry Pi 4/5 (override for other boards)
+        spec = {"kind": "llvm", "mtriple": ARM_TRIPLE, "mcpu": ARM_DEFAULT_MCPU, "num-cores": ARM_DEFAULT_CORES}
     else:
-        raise BackendError(f"unknown target {name!r}; use one of {', '.join(TARGET_NAMES)} "
+        raise BackendError(f"unknown target {name!r}; use one of {', '.join(TARGET_NAMES + tuple(BOARDS))} "
                            f"(with overrides such as arch=sm_90 or mcpu=cortex-a72)")
     spec.update(overrides)
     if spec.get("kind") == "cuda":
@@ -108,9 +137,12 @@ def resolve_target(name: str = "cpu", **overrides: Any):
     import tvm
 
     spec = target_spec(name, **overrides)
+    board_host = BOARDS.get(name, (None, None, None))[2]
     try:
         if spec["kind"] == "cuda":
-            return tvm.target.Target(spec, host={"kind": "llvm", "mcpu": host_mcpu()})
+            host = ({"kind": "llvm", "mtriple": ARM_TRIPLE, "mcpu": board_host} if board_host
+                    else {"kind": "llvm", "mcpu": host_mcpu()})
+            return tvm.target.Target(spec, host=host)
         return tvm.target.Target(spec)
     except Exception as exc:  # TVM raises ValueError with a long message
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__

@@ -38,6 +38,7 @@ GRAPHS = "graphs.json"
 META = "meta.json"
 RECORDS = "database_tuning_record.json"
 WORKLOADS = "database_workload.json"
+FAILED_RUN_SECS = 1e9  # MetaSchedule's placeholder time of a failed run is 1e10 s
 
 
 def cache_root() -> str:
@@ -226,7 +227,8 @@ def _merge(src_dir: str, work_dir: str, untuned_ms: Optional[dict] = None) -> tu
             key = str(tvm_ffi.structural_hash(r.workload.mod))
             secs = [float(t) for t in (r.run_secs or [])]
             limit = (untuned_ms or {}).get(key, math.nan)
-            if not secs or (math.isfinite(limit) and 1000.0 * sum(secs) / len(secs) >= limit):
+            failed = not secs or max(secs) >= FAILED_RUN_SECS
+            if failed or (math.isfinite(limit) and 1000.0 * sum(secs) / len(secs) >= limit):
                 continue
             wl = dst.commit_workload(r.workload.mod)
             dst.commit_tuning_record(ms.database.TuningRecord(r.trace, wl, r.run_secs, r.target, r.args_info))
@@ -249,15 +251,49 @@ def _buckets(plan: dict) -> list[tuple[int, list[str]]]:
     return sorted(groups.items(), reverse=True)
 
 
-def _run_metaschedule(tasks: list, plan: dict, tmp: str) -> None:
-    """Tune ``tasks`` (ExtractedTask) with ``plan[key]`` trials each into the database at ``tmp``."""
+def _runner_and_export(target, device):
+    """MetaSchedule runner and builder export for measuring on ``device`` (None: this machine):
+    an ``RPCRunner`` with one worker per device registered under the key (they measure in parallel)
+    and shared libraries the servers load as they are (cross-compiled for ``arm``)."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.runner import PyRunner
+
+    from .fastbuild import export_shared, export_shared_aarch64
+    from .remote import alloc_argument_in_bounds, create_session_fail_fast
+    from .targets import target_family
+
+    if device is None or not device.is_remote:
+        return ms.runner.LocalRunner(timeout_sec=30), None
+    rpc = ms.runner.RPCRunner(rpc_config=device.rpc_config(), max_workers=max(1, device.count()),
+                              f_create_session=create_session_fail_fast, f_alloc_argument=alloc_argument_in_bounds)
+
+    @derived_object
+    class DeviceRunner(PyRunner):
+        """The RPC runner, stopping the tuning (BackendError) once the device is no longer registered."""
+
+        def __init__(self):
+            super().__init__()
+            self.inner = rpc
+
+        def run(self, runner_inputs):
+            device.registered()
+            return self.inner.run(runner_inputs)
+
+    return DeviceRunner(), export_shared_aarch64 if target_family(target) == "arm" else export_shared
+
+
+def _run_metaschedule(tasks: list, plan: dict, tmp: str, target=None, device=None) -> None:
+    """Tune ``tasks`` (ExtractedTask) with ``plan[key]`` trials each into the database at ``tmp``,
+    measuring on ``device`` (None: this machine)."""
     from tvm.s_tir import meta_schedule as ms
 
-    from .fastbuild import pooled_builder
+    from .fastbuild import pooled_builder, preload_tensor_intrin
 
+    preload_tensor_intrin()
     by_key = {task_key(t): t for t in tasks}
-    builder = pooled_builder(max_workers=os.cpu_count() or 1)
-    runner = ms.runner.LocalRunner(timeout_sec=30)
+    runner, f_export = _runner_and_export(target, device)
+    builder = pooled_builder(max_workers=os.cpu_count() or 1, f_export=f_export)
     database = ms.database.JSONDatabase(work_dir=tmp)
     cost_model = ms.cost_model.XGBModel(adaptive_training=True)
     try:
@@ -274,8 +310,68 @@ def _run_metaschedule(tasks: list, plan: dict, tmp: str) -> None:
         builder.shutdown()
 
 
+def _untuned_costs(tasks, target, progress: bool, device) -> list:
+    """Untuned time of each task, measured where the tuning measures (this machine or ``device``)."""
+    from .remote import open_session
+    from .tuning_plan import task_costs
+
+    if device is None or not device.is_remote:
+        return task_costs(tasks, target, progress)
+    sess = open_session(device, target)
+    try:
+        return task_costs(tasks, target, progress, session=sess)
+    finally:
+        del sess  # frees the device for the tuning's own sessions
+
+
+def _valid_counts(db_dir: str) -> dict:
+    """Task key -> number of records with a measured time in the database at ``db_dir``."""
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    counts: dict = {}
+    if not os.path.exists(os.path.join(db_dir, RECORDS)):
+        return counts
+    for r in ms.database.JSONDatabase(work_dir=db_dir).get_all_tuning_records():
+        secs = [float(t) for t in (r.run_secs or [])]
+        if secs and max(secs) < FAILED_RUN_SECS:
+            key = str(tvm_ffi.structural_hash(r.workload.mod))
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _record_tasks(work_dir: str, manifest: dict, costs, plan: dict, scheduled: set, target) -> None:
+    """Mark the tasks of ``costs`` as handled in ``tasks.json`` (with their plan and whether a schedule
+    was kept) and write ``meta.json``."""
+    import tvm
+
+    from .targets import target_json
+
+    for c in costs:
+        manifest[c.key] = {"name": c.name, "weight": c.weight, "untuned_ms": round(c.untuned_ms, 4),
+                           "trials": plan[c.key], "scheduled": c.key in scheduled}
+    _write_json(os.path.join(work_dir, MANIFEST), manifest)
+    _write_json(os.path.join(work_dir, META), {"tvm_version": tvm.__version__,
+                                               "target": json.loads(target_json(target))})
+
+
+def _keep_partial(exc, tmp, work_dir, costs, plan, manifest, target, device) -> BackendError:
+    """After a remote tuning failed midway: merge the records measured so far into the database,
+    mark done only the tasks that got all their planned trials (a rerun tunes the rest), and return
+    the error to raise."""
+    counts = _valid_counts(tmp)
+    measured, scheduled = _merge(tmp, work_dir, {c.key: c.untuned_ms for c in costs})
+    done = [c for c in costs if plan[c.key] == 0 or counts.get(c.key, 0) >= plan[c.key]]
+    _record_tasks(work_dir, manifest, done, plan, scheduled, target)
+    why = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
+    return BackendError(f"tuning on {device} stopped ({why}); kept the {measured} trials measured so far in "
+                        f"{work_dir} ({len(done)} of {len(costs)} tasks complete); rerun the same command to "
+                        f"tune the remaining {len(costs) - len(done)} tasks")
+
+
 def tune(mod, target, trials_per_task: int = DEFAULT_TRIALS_PER_TASK, cache_dir: Optional[str] = None,
-         op_names: Optional[Sequence[str]] = None, progress: bool = True, force: bool = False) -> TuneResult:
+         op_names: Optional[Sequence[str]] = None, progress: bool = True, force: bool = False,
+         device=None) -> TuneResult:
     """Tune the tasks of ``mod`` for ``target`` that the target's database does not have yet.
 
     Tasks already in the database (from this graph or any other tuned for ``target``) are reused. The
@@ -285,30 +381,39 @@ def tune(mod, target, trials_per_task: int = DEFAULT_TRIALS_PER_TASK, cache_dir:
 
     Args:
         mod: Relax module as imported (before legalization); it is prepared like ``static_shape_tuning``.
-        target: a ``tvm.target.Target`` (host CPU llvm: tuning measures on this machine).
+        target: a ``tvm.target.Target``: the host CPU (measured here), or the target of ``device``.
         trials_per_task: mean trials per tuned task (>= 1).
         cache_dir: cache root (default :func:`cache_root`).
         op_names: consider only tasks whose name contains one of these (others get no schedule).
         progress: tqdm bars (untuned measurement, trials measured).
         force: re-tune this graph's tasks even when the database has them.
+        device: a remote :class:`vitprune.devices.Device` to measure on (MetaSchedule ``RPCRunner``, in
+            parallel on every device of its key; untuned times measured there too); None: this machine.
+            If the device is lost midway, the records measured so far are merged and the tasks whose
+            trials all completed are marked done, so a rerun resumes with the others.
 
     Returns:
         :class:`TuneResult`; ``work_dir`` is what :func:`apply_database` reads; ``cache_hit`` when no
         task needed tuning; ``num_tasks`` the tasks tuned now; ``trials`` the trials measured now.
 
     Raises:
-        BackendError: a non-host target, a bad budget, or a MetaSchedule failure.
+        BackendError: a non-host target without a remote device, a bad budget, or a MetaSchedule
+            failure (device lost: says what was kept and to rerun).
     """
     import tvm
 
-    from .targets import target_family, target_json
-    from .tuning_plan import plan_trials, task_costs
+    from .targets import target_family
+    from .tuning_plan import plan_trials
 
     if not isinstance(trials_per_task, int) or trials_per_task < 1:
         raise BackendError(f"trials_per_task must be a positive integer, got {trials_per_task!r}")
-    if target_family(target) != "cpu":
+    remote = device is not None and device.is_remote
+    if target_family(target) != "cpu" and not remote:
         raise BackendError(f"autotuning measures on this machine, so it needs the host CPU target; got "
-                           f"{target_family(target)!r} (tune on the device, or build untuned)")
+                           f"{target_family(target)!r}: tune on the device (--tracker HOST:PORT --device-key K, "
+                           f"docs/devices.md), or build untuned")
+    if remote and target_family(target) == "cuda":
+        raise BackendError("remote tuning supports cpu and arm targets; for cuda build untuned (dlight schedules)")
     t0 = time.time()
     work_dir = database_dir(target, cache_dir)
     gkey = graph_key(mod, op_names)
@@ -327,7 +432,7 @@ def tune(mod, target, trials_per_task: int = DEFAULT_TRIALS_PER_TASK, cache_dir:
         if not todo:
             _remember_graph(work_dir, gkey, len(tasks))
             return TuneResult(work_dir, True, 0, 0, time.time() - t0)
-        costs = task_costs(todo, target, progress)
+        costs = _untuned_costs(todo, target, progress, device)
         plan = plan_trials(costs, trials_per_task)
         root = os.path.dirname(work_dir)
         _remove_stale(root)
@@ -339,17 +444,21 @@ def tune(mod, target, trials_per_task: int = DEFAULT_TRIALS_PER_TASK, cache_dir:
                                    args=(os.path.join(tmp, RECORDS), sum(plan.values()), stop, progress), daemon=True)
         watcher.start()
         try:
-            _run_metaschedule(todo, plan, tmp)
+            try:
+                _run_metaschedule(todo, plan, tmp, target, device)
+            except Exception as exc:
+                if not remote:
+                    raise
+                stop.set()
+                watcher.join()
+                raise _keep_partial(exc, tmp, work_dir, costs, plan, manifest, target, device) from exc
             stop.set()
             watcher.join()
             trials, scheduled = _merge(tmp, work_dir, {c.key: c.untuned_ms for c in costs})
-            for c in costs:
-                manifest[c.key] = {"name": c.name, "weight": c.weight, "untuned_ms": round(c.untuned_ms, 4),
-                                   "trials": plan[c.key], "scheduled": c.key in scheduled}
-            _write_json(os.path.join(work_dir, MANIFEST), manifest)
-            _write_json(os.path.join(work_dir, META), {"tvm_version": tvm.__version__,
-                                                       "target": json.loads(target_json(target))})
+            _record_tasks(work_dir, manifest, costs, plan, scheduled, target)
             _remember_graph(work_dir, gkey, len(tasks))
+        except BackendError:
+            raise
         except Exception as exc:
             raise BackendError(f"MetaSchedule tuning failed: {type(exc).__name__}: {str(exc).strip()[:300]}") from exc
         finally:

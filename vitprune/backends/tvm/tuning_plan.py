@@ -46,8 +46,9 @@ class TaskCost:
         return self.weight * self.untuned_ms if math.isfinite(self.untuned_ms) else math.inf
 
 
-def measure_untuned(func, target, repeats: int = 3) -> float:
-    """Untuned time of one task's PrimFunc module ``func`` on ``target`` (ms per call; NaN on failure).
+def measure_untuned(func, target, repeats: int = 3, session=None) -> float:
+    """Untuned time of one task's PrimFunc module ``func`` on ``target`` (ms per call; NaN on failure),
+    on this machine or, with an RPC ``session``, on that device (:mod:`vitprune.backends.tvm.remote`).
 
     Inputs are random floats and zero integers (index arguments must stay in bounds: gather/take
     segfault on out-of-range indices in TVM's fast mode).
@@ -57,8 +58,14 @@ def measure_untuned(func, target, repeats: int = 3) -> float:
     from tvm.s_tir import meta_schedule as ms
 
     try:
-        rt = tvm.compile(func, target=target).jit()
-        dev = tvm.cpu()
+        ex = tvm.compile(func, target=target)
+        if session is None:
+            rt, dev = ex.jit(), tvm.cpu()
+        else:
+            from .remote import upload_library
+            from .targets import target_family
+
+            rt, dev = upload_library(session, ex, family=target_family(target)), session.cpu(0)
         prim = func["main"] if isinstance(func, tvm.IRModule) else func
         args = []
         for info in ms.arg_info.ArgInfo.from_prim_func(prim):
@@ -71,8 +78,9 @@ def measure_untuned(func, target, repeats: int = 3) -> float:
         return float("nan")
 
 
-def task_costs(tasks, target, progress: bool = False) -> list[TaskCost]:
-    """:class:`TaskCost` of each MetaSchedule ``ExtractedTask`` (untuned time measured here)."""
+def task_costs(tasks, target, progress: bool = False, session=None) -> list[TaskCost]:
+    """:class:`TaskCost` of each MetaSchedule ``ExtractedTask`` (untuned time measured here, or on
+    the device of an RPC ``session``)."""
     import tvm
     import tvm_ffi
     from tqdm import tqdm
@@ -81,7 +89,8 @@ def task_costs(tasks, target, progress: bool = False) -> list[TaskCost]:
     for t in tqdm(tasks, desc="measuring untuned tasks", unit="task", disable=not progress):
         func = t.dispatched[0]
         out.append(TaskCost(t.task_name, str(tvm_ffi.structural_hash(func)), int(t.weight),
-                            float(tvm.s_tir.analysis.estimate_tir_flops(func)), measure_untuned(func, target)))
+                            float(tvm.s_tir.analysis.estimate_tir_flops(func)),
+                            measure_untuned(func, target, session=session)))
     return out
 
 
