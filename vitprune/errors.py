@@ -27,3 +27,7 @@ class DataError(VitpruneError):
 
 class ParityError(VitpruneError):
     """A lowered module's outputs differ from eager PyTorch beyond the tolerance."""
+
+
+class SweepError(VitpruneError):
+    """A sweep cannot run: bad options, unreachable storage, or a stored study made with other inputs."""
