@@ -211,8 +211,14 @@ def _sweep_args(p):
 @command("sweep", _sweep_args)
 def cmd_sweep(args) -> int:
     """Measure the accuracy-vs-latency frontier (Optuna) on your images and device; write best.json."""
+    import signal
+
     from .sweep import sweep
 
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, stop)          # `kill PID` stops like Ctrl-C: the running trial is recorded
     try:
         res = sweep(args.model, args.data, args.out, weights=args.weights, calib=args.calib,
                     calib_images=args.calib_images, backend=args.backend, target=args.target, tracker=args.tracker,
@@ -224,6 +230,8 @@ def cmd_sweep(args) -> int:
         print(f"vitprune: interrupted; finished trials stay in the study (under {args.out} or --storage); "
               "rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, old)
     print(f"{len(res.records) - len(res.failed)} trials completed, {len(res.failed)} failed, "
           f"{len(res.front)} on the front -> {args.out}/frontier.png, report.md")
     print(res.pick_message + (f" -> {args.out}/best.json" if res.best else ""))

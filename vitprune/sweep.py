@@ -124,7 +124,7 @@ def suggest_zero_tprune(trial, target: float, info, gm, sites, layouts: dict[str
     rs = round(trial.suggest_float(prefix + "rs_ratio", 0.3, 1.0, step=0.1), 2)
     fixed = {**(fixed or {}), "rs_ratio": rs}
     if profile == "uniform":
-        p = ZeroTPrune(prune_blocks=list(blocks), target_gmacs=round(float(target), 4), **fixed)
+        p = ZeroTPrune(prune_blocks=list(blocks), target_gmacs=_g(target), **fixed)
         p.validate()
         p.plan(gm, sites, info)                              # budget checks now, before any graph work
         return p
@@ -143,7 +143,7 @@ def suggest_snp(trial, target: float) -> "Any":
 
     alloc = trial.suggest_categorical("snp_allocation", ["uniform", "fisher"])
     n = trial.suggest_categorical("snp_calib_images", list(SNP_CALIB_CHOICES))
-    p = SNP(target_gmacs=round(float(target), 4), allocation=alloc, calib_images=int(n), **SNP_FIXED)
+    p = SNP(target_gmacs=_g(target), allocation=alloc, calib_images=int(n), **SNP_FIXED)
     p.validate()
     return p
 
@@ -165,7 +165,7 @@ def suggest_passes(trial, methods: Sequence[str], graph, calibration_size: int) 
     if method == "zero-tprune":
         return [suggest_zero_tprune(trial, frac * dense, graph.info, graph.gm, graph.sites, graph.layouts)]
     if method == "tome":
-        p = ToMe(target_gmacs=round(frac * dense, 4))
+        p = ToMe(target_gmacs=_g(frac * dense))
         p.validate()
         return [p]
     if method == "snp":
@@ -176,9 +176,14 @@ def suggest_passes(trial, methods: Sequence[str], graph, calibration_size: int) 
 
     zt_name = trial.suggest_categorical("zt_layout", list(graph.layouts))
     rs = round(trial.suggest_float("zt_rs_ratio", 0.3, 1.0, step=0.1), 2)
-    zt = ZeroTPrune(prune_blocks=list(graph.layouts[zt_name]), target_gmacs=round(frac * dense, 4), rs_ratio=rs)
+    zt = ZeroTPrune(prune_blocks=list(graph.layouts[zt_name]), target_gmacs=_g(frac * dense), rs_ratio=rs)
     zt.validate()
     return [snp, zt]
+
+
+def _g(gmacs: float) -> float:
+    """A budget with 5 significant digits (readable specs; 0.002 % of the budget)."""
+    return float(f"{gmacs:.5g}")
 
 
 def _cap_calib(p, n: int):
@@ -422,6 +427,36 @@ def planned_trials(study) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("interrupted"))
 
 
+def reclaim_stale_trials(study) -> int:
+    """Trials left running by a process of this host that no longer exists (killed): recorded as failed and
+    ``interrupted``, each replaced by a waiting trial with the same fixed parameters. Returns how many."""
+    import socket
+
+    from optuna.trial import TrialState
+
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
+        if host != socket.gethostname() or not pid.isdigit() or _alive(int(pid)):
+            continue
+        study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+        study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+        study.enqueue_trial(t.system_attrs.get("fixed_params", {}),
+                            user_attrs={"plain": True} if t.user_attrs.get("plain") else None)
+        n += 1
+    return n
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def take_waiting_trial(study):
     """Atomically move one waiting trial to running (as ``Study.ask`` does) and return it, or None when the
     queue is empty. Never creates a trial: the plan fixes how many there are."""
@@ -472,7 +507,9 @@ def sweep(model_name: str, data: str, out: str, weights: Optional[str] = None, c
         tracker, device_key: measure on a remote device over TVM RPC (needs :mod:`vitprune.devices`).
         batch_size: batch of the throughput measurement (img/s) and of the held-out evaluation.
         methods: subset of :data:`METHODS`.
-        trials: trials planned in the study (a finished study adds none; a larger number extends it).
+        trials: trials the study has when this call returns: a larger number than planned extends the plan,
+            a smaller one stops early (the rest stay planned); a finished study adds none. Workers run
+            until the plan is done.
         storage: Optuna storage URL or journal file; default ``out/study.journal``.
         worker: join a study others plan: run waiting trials, never extend the plan.
         pick: rule for ``best.json`` (:func:`pick_best`).
@@ -594,7 +631,7 @@ def sweep(model_name: str, data: str, out: str, weights: Optional[str] = None, c
             bar.update(1)
         finally:
             bar.close()
-        rec = {"gmacs": compiled.report.gmacs_after, "top1": res["top1"], "agreement": agree, "kl": kl,
+        rec = {"base_top1": base["top1"], "gmacs": compiled.report.gmacs_after, "top1": res["top1"], "agreement": agree, "kl": kl,
                "images": res["images"], "latency_ms": 1000 * t1, "base_latency_ms": 1000 * b1,
                "latency_ratio": t1 / b1, "img_s": batch_size / tb, "base_img_s": batch_size / bb,
                "batch_ratio": tb / bb, "seconds": time.time() - t0}
@@ -602,12 +639,17 @@ def sweep(model_name: str, data: str, out: str, weights: Optional[str] = None, c
             trial.set_user_attr(k, v)
         return res["top1"], t1 / b1
 
+    import socket
+
+    reclaim_stale_trials(study)
     ran = 0
-    bar = tqdm(total=planned_trials(study), initial=_finished(study), desc="sweep trials", disable=not progress)
-    while True:
+    goal = planned_trials(study) if worker else min(trials, planned_trials(study))
+    bar = tqdm(total=goal, initial=_finished(study), desc="sweep trials", disable=not progress)
+    while _finished(study) < goal:
         trial = take_waiting_trial(study)
         if trial is None:
             break
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         try:
             values = objective(trial)
         except KeyboardInterrupt:
@@ -616,6 +658,8 @@ def sweep(model_name: str, data: str, out: str, weights: Optional[str] = None, c
             fixed = study._storage.get_trial(trial._trial_id).system_attrs.get("fixed_params", {})
             study.enqueue_trial(fixed, user_attrs={"plain": True} if trial.user_attrs.get("plain") else None)
             bar.close()
+            if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+                write_outputs(study, out, base, split, pick, model_name, backend, batch_size, ran)
             raise
         except (VitpruneError, RuntimeError, ValueError, TypeError, MemoryError, OSError) as exc:
             trial.set_user_attr("error", f"{type(exc).__name__}: {_first_line(exc)}")
