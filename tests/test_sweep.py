@@ -188,8 +188,10 @@ def _postgres(tmp_path):
         bindir = os.path.dirname(shutil.which("initdb"))
     if bindir is None:
         pytest.skip("PostgreSQL is not installed (apt-get install -y postgresql)")
-    base = tmp_path / "pg"
-    base.mkdir()
+    import pathlib
+    import tempfile
+
+    base = pathlib.Path(tempfile.mkdtemp(prefix="vitprune-pg-"))   # outside pytest's root-only tmp tree
     data, sock = base / "data", base / "sock"
     sock.mkdir()
     prefix = []
@@ -198,7 +200,7 @@ def _postgres(tmp_path):
         if runuser is None:
             pytest.skip("running as root without runuser: cannot start PostgreSQL as an unprivileged user")
         prefix = [runuser, "-u", "postgres", "--"]
-        os.chmod(tmp_path, 0o755)
+        os.chmod(base, 0o755)
         shutil.chown(base, "postgres")
         shutil.chown(sock, "postgres")
     try:
@@ -208,10 +210,12 @@ def _postgres(tmp_path):
                                  f"-k {sock} -c listen_addresses='' -c max_connections=50", "start"],
                        check=True, capture_output=True, timeout=120)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
+        shutil.rmtree(base, ignore_errors=True)
         pytest.skip(f"could not start PostgreSQL: {getattr(exc, 'stderr', b'') or exc}")
 
     def stop():
         subprocess.run(prefix + [f"{bindir}/pg_ctl", "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
 
     subprocess.run(prefix + [f"{bindir}/createdb", "-h", str(sock), "-U", "postgres", "sweep"], capture_output=True)
     return f"postgresql+psycopg2://postgres@/sweep?host={sock}", stop

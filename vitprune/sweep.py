@@ -359,10 +359,13 @@ def open_storage(url: Optional[str], out: str):
             return optuna.storages.JournalStorage(backend)
         except Exception as exc:
             raise SweepError(f"cannot open the journal storage {path}: {_first_line(exc)}") from None
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
-    except Exception as exc:
-        raise SweepError(f"cannot reach the storage {_hide_password(url)}: {_first_line(exc)}") from None
+    for attempt in range(3):                 # workers starting together race to create the tables: retry
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        except Exception as exc:
+            err = exc
+            time.sleep(1.0 + attempt)
+    raise SweepError(f"cannot reach the storage {_hide_password(url)}: {_first_line(err)}") from None
 
 
 def _hide_password(url: str) -> str:
