@@ -234,3 +234,25 @@ def test_two_workers_share_a_postgresql_study(tmp_path):
         assert time.time() - t0 < 900
     finally:
         stop()
+
+
+def test_trial_of_a_killed_worker_is_requeued(tmp_path):
+    """Ctrl-C / kill: finished trials stay, the running one is recorded as interrupted and planned again."""
+    import socket
+
+    from optuna.trial import TrialState
+    from vitprune.sweep import reclaim_stale_trials
+
+    st = open_storage(None, str(tmp_path))
+    study = open_study(st, "s", {"model": "m"}, 2, False, [{"method": "tome", "tome_frac": 0.7}], seed=0)
+    done, dead = take_waiting_trial(study), take_waiting_trial(study)
+    done.suggest_categorical("method", ["tome"])
+    study.tell(done, [70.0, 0.8])
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()                                                      # a pid that no longer runs
+    dead.set_user_attr("worker", f"{socket.gethostname()}:{p.pid}")
+    assert reclaim_stale_trials(study) == 1
+    states = [t.state for t in study.get_trials()]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
+    assert study.trials[1].user_attrs["interrupted"] and planned_trials(study) == 2
+    assert reclaim_stale_trials(study) == 0

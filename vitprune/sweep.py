@@ -551,7 +551,6 @@ def sweep(model_name: str, data: str, out: str, weights: Optional[str] = None, c
     options: dict = {}
     if backend == "tvm":
         options["target"] = target or "cpu"
-        options["progress"] = False
     elif backend == "onnx":
         options["threads"] = threads or torch.get_num_threads()
     elif target:
