@@ -256,3 +256,22 @@ def test_trial_of_a_killed_worker_is_requeued(tmp_path):
     assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
     assert study.trials[1].user_attrs["interrupted"] and planned_trials(study) == 2
     assert reclaim_stale_trials(study) == 0
+
+
+
+def test_requeued_plain_point_runs_before_sampled_ones(tmp_path):
+    import socket
+
+    from vitprune.sweep import reclaim_stale_trials
+
+    study = open_study(open_storage(None, str(tmp_path)), "s", {"model": "m"}, 3, False,
+                       [{"method": "tome", "tome_frac": 0.7}], seed=0)
+    plain = take_waiting_trial(study)
+    assert plain.number == 0
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    plain.set_user_attr("worker", f"{socket.gethostname()}:{p.pid}")
+    reclaim_stale_trials(study)
+    nxt = take_waiting_trial(study)
+    assert nxt.number == 3 and nxt.user_attrs.get("plain") is True
+    assert study.trials[3].system_attrs["fixed_params"] == {"method": "tome", "tome_frac": 0.7}

@@ -462,12 +462,14 @@ def _alive(pid: int) -> bool:
 
 def take_waiting_trial(study):
     """Atomically move one waiting trial to running (as ``Study.ask`` does) and return it, or None when the
-    queue is empty. Never creates a trial: the plan fixes how many there are."""
+    queue is empty; plain points first (a re-queued one too), then in trial order. Never creates a trial:
+    the plan fixes how many there are."""
     import optuna
     from optuna.trial import TrialState
 
     storage = study._storage
-    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    for t in sorted(waiting, key=lambda t: (not t.user_attrs.get("plain"), t.number)):
         try:
             if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
                 return optuna.Trial(study, t._trial_id)
