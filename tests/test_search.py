@@ -45,7 +45,8 @@ def test_search_returns_best_config_that_rebuilds_and_meets_budget(image_dir):
     assert best["agreement"] == max(t["agreement"] for t in best["trials"])
     for t in best["trials"]:
         assert abs(t["gmacs"] - target) <= 0.01 * target
-    p = Pass.from_config(best["config"])  # round trip
+    assert best["passes"] == [best["config"]]  # readable as a pass-list config
+    p = Pass.from_config(best["passes"][0])  # round trip
     c = vitprune.compile(m, [p], example_inputs=torch.randn(2, 3, 64, 64))
     assert abs(c.report.gmacs_after - best["gmacs"]) < 1e-6
     # the reported agreement is reproducible from the returned config
@@ -55,6 +56,20 @@ def test_search_returns_best_config_that_rebuilds_and_meets_budget(image_dir):
     with torch.no_grad():
         agree = (c(x).argmax(-1) == m(x).argmax(-1)).float().mean().item() * 100
     assert agree == pytest.approx(best["agreement"])
+
+
+def test_search_is_the_sweeps_schedule_space(image_dir):
+    """Trial 0 is the pass's default schedule; the others come from the sweep's Zero-TPrune space."""
+    from vitprune.sweep import zero_tprune_layouts
+
+    m = tiny()
+    target = 0.8 * vitprune.compile(m, [], example_inputs=torch.randn(2, 3, 64, 64)).report.gmacs_before
+    best = search_schedule(m, image_dir, target, trials=3, images=4, seed=1, progress=False)
+    first = best["trials"][0]["config"]
+    assert first["target_gmacs"] == pytest.approx(target, rel=1e-3) and first["rs_ratio"] == 0.7
+    layouts = [sorted(v) for v in zero_tprune_layouts(4).values()]
+    for t in best["trials"]:
+        assert set(t["config"]["prune_blocks"]) <= set(sum(layouts, []))
 
 
 def test_search_rejects_budget_above_dense(image_dir):

@@ -13,9 +13,10 @@ from .backends import load  # noqa: E402
 from .ir import capture, find_attention_sites  # noqa: E402
 from .passes import ExplicitAttention, Pass, PassContext  # noqa: E402
 from .pipeline import PIPELINES, load_config, save_config  # noqa: E402
+from .sweep import sweep  # noqa: E402  (after the imports above; the function shadows the module name)
 
 __all__ = [
     "compile", "load", "CompiledModule", "CompileReport", "capture", "find_attention_sites",
-    "Pass", "PassContext", "ExplicitAttention", "errors", "passes", "__version__",
+    "Pass", "PassContext", "ExplicitAttention", "errors", "passes", "sweep", "__version__",
     "PIPELINES", "load_config", "save_config",
 ]

@@ -6,6 +6,10 @@
     vitprune viz --model NAME [--weights FILE] --image IMG --pass SPEC [--pass SPEC]... --out PNG
     vitprune search --model NAME [--weights FILE] --data DIR --target-gmacs G [--trials N]
                     [--images N] [--seed S] --out BEST.json
+    vitprune sweep --model NAME [--weights FILE] --data DIR [--calib DIR | --calib-images N]
+                   --backend torch|onnx|tvm [--target T] [--tracker HOST:PORT --device-key K]
+                   [--batch-size B] [--methods M,...] [--trials N] [--storage URL] [--worker]
+                   [--pick RULE] [--limit N] --out DIR
     vitprune export --model NAME [--weights FILE] [--pass SPEC]... --backend onnx|tvm|torch
                   [--target cpu|cuda|arm] [--arch sm_80] [--tune [--trials N]] --out PATH
     vitprune tune --model NAME [--weights FILE] [--pass SPEC]... [--trials N] [--threads T]
@@ -351,6 +355,61 @@ def cmd_search(args) -> int:
     print(f"best of {args.trials}: agreement {best['agreement']:.1f} % on {best['images']} images, "
           f"{best['gmacs']:.3f} GMACs -> {args.out}")
     return 0
+
+
+def _sweep_args(p):
+    from .sweep import METHODS
+
+    add_model_args(p)
+    p.add_argument("--data", required=True, help="folder of <synset>_*.JPEG images with synsets.txt (held-out images)")
+    p.add_argument("--calib", help="calibration image folder (default: split from --data, never the held-out images)")
+    p.add_argument("--calib-images", type=int, default=64, help="calibration images (default 64)")
+    p.add_argument("--backend", default="onnx", choices=["torch", "onnx", "tvm"], help="where latency is measured")
+    p.add_argument("--target", help="tvm target: cpu (default), cuda, arm")
+    p.add_argument("--tracker", help="HOST:PORT of a TVM RPC tracker: measure on a remote device")
+    p.add_argument("--device-key", help="device key registered with --tracker")
+    p.add_argument("--batch-size", type=int, default=32, help="throughput (img/s) and evaluation batch")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--trials", type=int, default=40, help="trials in the study (a finished study adds none)")
+    p.add_argument("--storage", help="Optuna storage URL (postgresql://..., sqlite:///...) or journal file; "
+                                     "default OUT/study.journal")
+    p.add_argument("--worker", action="store_true", help="join a study other runs plan; run its waiting trials")
+    p.add_argument("--pick", default="max-drop=1.0", help="rule for best.json: max-drop=PT, latency<=MSms, speedup>=X")
+    p.add_argument("--limit", type=int, help="use only the first N held-out images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder for frontier.png/.json, report.md, best.json, the study")
+    p.add_argument("--no-progress", action="store_true")
+
+
+@command("sweep", _sweep_args)
+def cmd_sweep(args) -> int:
+    """Measure the accuracy-vs-latency frontier (Optuna) on your images and device; write best.json."""
+    import signal
+
+    from .sweep import sweep
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, stop)          # `kill PID` stops like Ctrl-C: the running trial is recorded
+    try:
+        res = sweep(args.model, args.data, args.out, weights=args.weights, calib=args.calib,
+                    calib_images=args.calib_images, backend=args.backend, target=args.target, tracker=args.tracker,
+                    device_key=args.device_key, batch_size=args.batch_size,
+                    methods=[m.strip() for m in args.methods.split(",") if m.strip()], trials=args.trials,
+                    storage=args.storage, worker=args.worker, pick=args.pick, limit=args.limit, threads=args.threads,
+                    seed=args.seed, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"vitprune: interrupted; finished trials stay in the study (under {args.out} or --storage); "
+              "rerun the same command to resume", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    print(f"{len(res.records) - len(res.failed)} trials completed, {len(res.failed)} failed, "
+          f"{len(res.front)} on the front -> {args.out}/frontier.png, report.md")
+    print(res.pick_message + (f" -> {args.out}/best.json" if res.best else ""))
+    return 0 if res.best else 1
 
 
 def _backend_options(args) -> dict:

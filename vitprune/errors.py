@@ -45,3 +45,7 @@ def error_line(exc: BaseException, last: bool = False) -> str:
 class UntrustedArtefactError(BackendError):
     """An artefact whose format can run code on load was given without ``trust=True``, or its
     files do not match the SHA-256 its manifest records."""
+
+
+class SweepError(VitpruneError):
+    """A sweep cannot run: bad options, unreachable storage, or a stored study made with other inputs."""

@@ -50,3 +50,9 @@ def evaluate(fn: Callable[[torch.Tensor], torch.Tensor], loader, reference: Opti
         out["top1_agreement"] = 100.0 * agree / max(n, 1)
         out["top1_reference"] = 100.0 * ref_correct / max(n, 1)
     return out
+
+
+def kl_divergence(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean over images of KL(softmax(ref) || softmax(logits)) in nats; both ``[N, classes]``."""
+    lp_ref, lp = ref_logits.float().log_softmax(-1), logits.float().log_softmax(-1)
+    return float((lp_ref.exp() * (lp_ref - lp)).sum(-1).mean())

@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from ...errors import InvalidPassConfigError
+from ...ir.cost import bisect_budget
 from .engine import BlockPlan
 from .sensitivity import BlockScores
 
@@ -184,10 +185,8 @@ def blend_plans(full: Sequence[BlockPlan], alloc: Sequence[BlockPlan], uniform: 
     def total(c):
         return sum(macs(i, p) for i, p in enumerate(plans_at(c)))
 
-    lo, hi = 0.0, 1.0
+    hi = 1.0
     while total(hi) > target_macs and hi < 64:
         hi *= 2
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if total(mid) > target_macs else (lo, mid)
+    _, hi = bisect_budget(total, 0.0, hi, target_macs, iters=50, increasing=False)
     return plans_at(hi)

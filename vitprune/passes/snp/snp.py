@@ -30,7 +30,7 @@ from .engine import BlockPlan, Criterion, prune_blocks
 from .options import BLOCK_BATCH_COST, FISHER_BATCH_COST, Progress, RecoveryOptions
 from .presets import PRESETS, preset_name
 from .surgery import finalize, value_head_dim
-from ...ir.cost import BlockDims
+from ...ir.cost import BlockDims, bisect_budget
 
 Allocation = Literal["uniform", "fisher", "recovery"]
 
@@ -266,11 +266,10 @@ class SNP(RecoveryOptions, Pass):
         return self._ratio_plans(sites, self.ratio or 0.0)
 
     def _bisect_plans(self, sites, rest_gmacs) -> list[BlockPlan]:
-        lo, hi = 0.0, 0.99
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            g = rest_gmacs + sum(_plan_macs(s, p) for s, p in zip(sites, self._ratio_plans(sites, mid))) / 1e9
-            lo, hi = (mid, hi) if g > self.target_gmacs else (lo, mid)
+        def g(ratio: float) -> float:
+            return rest_gmacs + sum(_plan_macs(s, p) for s, p in zip(sites, self._ratio_plans(sites, ratio))) / 1e9
+
+        _, hi = bisect_budget(g, 0.0, 0.99, self.target_gmacs, iters=40, increasing=False)
         return self._ratio_plans(sites, hi)
 
     def _embed_keep(self, sites):
