@@ -226,7 +226,9 @@ def test_device_lost_midway_keeps_records_and_rerun_resumes(tracker, tmp_path, t
                                    tune_ops=["matmul"])
         n_all = len(tuning._read_json(os.path.join(work_dir, tuning.MANIFEST)))
         assert not again.tuning.cache_hit and 1 <= again.tuning.num_tasks <= n_all - done_before
-        assert open(os.path.join(work_dir, tuning.RECORDS)).read().count("\n") > kept
+        # the rerun's records enter only if faster than the untuned code (tuning._merge), so >=, not >
+        assert open(os.path.join(work_dir, tuning.RECORDS)).read().count("\n") >= kept
+        assert len(tuning._read_json(os.path.join(work_dir, tuning.MANIFEST))) > done_before
         with torch.no_grad():
             assert (again(X1) - gm(X1)).abs().max().item() <= 1e-4
     finally:
