@@ -14,6 +14,7 @@ image is looked at).
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field, fields
 from typing import Literal, Optional
 
@@ -111,6 +112,12 @@ class SNPTokens(RecoveryOptions, Pass):
         return out, records
 
     def __call__(self, gm: GraphModule, ctx: PassContext) -> GraphModule:
+        t0 = time.perf_counter()
+        out = self._run(gm, ctx)
+        ctx.record(seconds=round(time.perf_counter() - t0, 2))
+        return out
+
+    def _run(self, gm: GraphModule, ctx: PassContext) -> GraphModule:
         if self.split is not None:
             out, records = self.compose(gm, ctx, self.split)
             ctx.record(split=self.split, passes=records)
