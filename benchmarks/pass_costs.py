@@ -21,7 +21,8 @@ import time
 import torch
 
 import vitprune
-from vitprune.data import ImageFolder, load_images, make_loader
+from vitprune.calibration import list_images
+from vitprune.data import ImageFolder, load_image_files, make_loader
 from vitprune.eval.metrics import evaluate
 from vitprune.eval.speed import latency, throughput
 from vitprune.models import eval_transform, load_model
@@ -54,8 +55,9 @@ def main(argv=None) -> int:
 
     model = load_model(args.model, args.weights)
     transform = eval_transform(model)
-    calib = load_images(args.data, transform, args.calib_images)
-    held_out = ImageFolder(args.data, transform, limit=args.limit, offset=args.calib_images)
+    calib_paths = list_images(args.data)[: args.calib_images]
+    calib, _ = load_image_files(calib_paths, transform)
+    held_out = ImageFolder(args.data, transform, limit=args.limit, exclude=calib_paths)
     loader = make_loader(held_out, 50)
     opts = {"threads": args.threads} if args.backend == "onnx" else {}
 

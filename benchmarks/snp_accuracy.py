@@ -76,6 +76,14 @@ def main():
                          "(two-fold cross-validation: selection on calibration images without refit over-fit)")
     ap.add_argument("--cv-split", choices=("halves", "interleave"), default="halves",
                     help="--cv folds: first / second half of the calibration images, or even / odd indices")
+    ap.add_argument("--methods", nargs="+", default=None,
+                    choices=("snp", "zero-tprune", "tome", "snp-tokens", "snp-tome"),
+                    help="compare methods at the same GMACs instead of SNP variants: SNP alone, token reduction "
+                         "alone, and the composition (snp-tokens: SNP then Zero-TPrune; snp-tome: SNP then ToMe); "
+                         "--gmacs sets the budgets")
+    ap.add_argument("--gmacs", type=float, nargs="+", default=[0.75, 0.63], help="budgets for --methods")
+    ap.add_argument("--split", default="0.5", help="snp-tokens split (fraction of the reduction done by SNP) or none")
+    ap.add_argument("--time", action="store_true", help="print the seconds spent in the pruning pass per row")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--png", default="docs/snp_accuracy.png")
     ap.add_argument("--json", default=None)
@@ -105,17 +113,21 @@ def main():
     print(json.dumps(rows[0]), flush=True)
     print(f"unpruned: {base_g:.3f} GMACs, top-1 held-out {rows[0]['top1_heldout']:.4f} "
           f"({x.shape[0] - nc} images), all {rows[0]['top1_all']:.4f} ({x.shape[0]})", flush=True)
-    combos = [(red, alloc, crit, comp) for red in args.reductions for alloc in args.allocations
-              for crit in args.criteria for comp in args.compensate]
+    if args.methods:
+        combos = [(1 - g / base_g, "-", m, "-", method_spec(m, g, args.extra, args.split))
+                  for g in args.gmacs for m in args.methods]
+    else:
+        combos = [(red, alloc, crit, comp,
+                   f"snp:target_gmacs={base_g * (1 - red):.6f},allocation={alloc},criterion={crit},compensate={comp}"
+                   + ("," + args.extra if args.extra else ""))
+                  for red in args.reductions for alloc in args.allocations
+                  for crit in args.criteria for comp in args.compensate]
     from tqdm import tqdm
 
-    for red, alloc, crit, comp in tqdm(combos, desc="snp configs"):
-        spec = f"snp:target_gmacs={base_g * (1 - red):.6f},allocation={alloc},criterion={crit},compensate={comp}"
-        if args.extra:
-            spec += "," + args.extra
+    for red, alloc, crit, comp, spec in tqdm(combos, desc="configs"):
         t0 = time.time()
         c = vitprune.compile(model, [spec], example_inputs=example, calibration=calib, progress=False)
-        secs = time.time() - t0
+        secs = c.report.passes[-1].get("seconds", time.time() - t0)
         lc = logits(c, x)
         p = lc.argmax(-1)
         row = dict(reduction=red, allocation=alloc, criterion=crit, compensate=comp, gmacs=c.report.gmacs_after,
@@ -131,7 +143,18 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    report(rows, args.png, args.model, nc, x.shape[0])
+    report(rows, args.png, args.model, nc, x.shape[0], args.time)
+
+
+def method_spec(method: str, g: float, snp_extra: str = "", split: str = "0.5") -> str:
+    """The pass spec of ``method`` at ``g`` GMACs (``snp_extra``: options of SNP and the compositions)."""
+    extra = "," + snp_extra if snp_extra else ""
+    if method in ("zero-tprune", "tome"):
+        return f"{method}:target_gmacs={g:.6f}"
+    if method == "snp":
+        return f"snp:target_gmacs={g:.6f}{extra}"
+    tokens = "tome" if method == "snp-tome" else "zero-tprune"
+    return f"snp-tokens:target_gmacs={g:.6f},tokens={tokens},split={split}{extra}"
 
 
 def cross_validate(model, spec, example, calib, l_ref, y, split="halves"):
@@ -156,20 +179,21 @@ def cross_validate(model, spec, example, calib, l_ref, y, split="halves"):
     return dict(top1_cv=acc, agree_cv=agree, kl_cv=div)
 
 
-def report(rows, png, model_name, nc, total):
-    """Markdown table (drops vs the unpruned row) and a PNG of top-1 vs GMACs."""
+def report(rows, png, model_name, nc, total, seconds=False):
+    """Markdown table (drops vs the unpruned row; ``seconds``: a column of the seconds in the pass)
+    and a PNG of top-1 vs GMACs."""
     print()
-    print(f"| GMACs reduction | allocation | criterion | recovery | GMACs | top-1 held-out ({total - nc}) | drop (pt) | "
-          f"top-1 all ({total}) | agreement held-out | top-1 / agreement calib ({nc}) | KL calib / held-out | "
-          f"top-1 / agreement / KL 2-fold CV calib | options |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| GMACs reduction | allocation | criterion / method | recovery | GMACs | top-1 held-out ({total - nc}) | "
+          f"drop (pt) | top-1 all ({total}) | agreement held-out | top-1 / agreement calib ({nc}) | KL calib / held-out | "
+          f"top-1 / agreement / KL 2-fold CV calib | options |" + (" seconds |" if seconds else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if seconds else ""))
     for r in rows:
         drop = 100 * (rows[0]["top1_heldout"] - r["top1_heldout"])
         calib = (f"{100 * r['top1_calib']:.1f} / {100 * r['agree_calib']:.1f}" if "top1_calib" in r else "-")
         print(f"| {100 * r['reduction']:.0f} % | {r.get('allocation', 'uniform')} | {r['criterion']} | "
               f"{r['compensate']} | {r['gmacs']:.3f} | {100 * r['top1_heldout']:.1f} | {drop:.1f} | "
               f"{100 * r['top1_all']:.1f} | {100 * r['agree_heldout']:.1f} | {calib} | {_kl(r)} | {_cv(r)} | "
-              f"{_options(r.get('spec', ''))} |")
+              f"{_options(r.get('spec', ''))} |" + (f" {r.get('seconds', 0.0):.1f} |" if seconds else ""))
     if png:
         import matplotlib
 
