@@ -21,7 +21,7 @@ import time
 import torch
 
 import vitprune
-from vitprune.calibration import list_images
+from vitprune.data import list_images
 from vitprune.data import ImageFolder, load_image_files, make_loader
 from vitprune.eval.metrics import evaluate
 from vitprune.eval.speed import latency, throughput

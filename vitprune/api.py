@@ -121,6 +121,16 @@ class CompiledModule:
         return self.lowered.export(path, self.manifest())
 
 
+def _transform(model: nn.Module):
+    """The model's eval transform for passes that load images (None when timm cannot resolve one)."""
+    from .data import eval_transform
+
+    try:
+        return eval_transform(model)
+    except Exception:  # not a timm-style model: the passes fall back to the input-size rule
+        return None
+
+
 def default_example_inputs(model: nn.Module) -> tuple:
     """A zero image batch ``[1, 3, H, W]`` at the model's configured input size (timm's
     ``pretrained_cfg['input_size']``, else 224 x 224)."""
@@ -162,7 +172,7 @@ def compile(model: nn.Module, passes: Union[PassLike, Sequence[PassLike]] = (), 
     gm = capture(model, example)
     image_shape = tuple(example[0].shape[1:])
     before = gmacs(gm, image_shape)
-    ctx = PassContext(example_inputs=example, calibration=calibration, progress=progress)
+    ctx = PassContext(example_inputs=example, calibration=calibration, progress=progress, transform=_transform(model))
     gm, entries = run_passes(gm, pass_list, ctx)
     after = gmacs(gm, image_shape) if pass_list else before
     lowered = get_backend(backend).lower(gm, example, **backend_options)

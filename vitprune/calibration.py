@@ -1,7 +1,6 @@
-"""Calibration data for passes that need activations (SNP scores, least-squares recovery).
+"""Calibration views for passes that need activations (SNP scores, least-squares recovery); the images
+themselves are loaded by :func:`vitprune.data.load_calibration_images`.
 
-* :func:`load_calibration_images`: the first ``n`` images (sorted file names) of a folder with
-  an eval transform -> ``[n, 3, H, W]``; warns when the folder has fewer, raises when none.
 * :func:`augment_views`: deterministic extra views of the calibration images (horizontal flip,
   corner crops at the eval transform's crop fraction), grouped so that all views of an image
   fall in the same batch.
@@ -12,67 +11,8 @@ sums; :mod:`vitprune.passes.snp.lstsq`) and never hold the activations of all im
 
 from __future__ import annotations
 
-import os
-import warnings
-from typing import Callable, Optional
 
 import torch
-
-from .errors import DataError
-
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
-
-
-def default_transform(image_size: int = 224):
-    """timm's eval transform for DeiT/ViT ImageNet models: bicubic resize to ``size / 0.875``,
-    center crop, ImageNet mean/std normalisation."""
-    import timm.data
-
-    return timm.data.create_transform(input_size=(3, image_size, image_size), crop_pct=0.875,
-                                      interpolation="bicubic", mean=timm.data.IMAGENET_DEFAULT_MEAN,
-                                      std=timm.data.IMAGENET_DEFAULT_STD)
-
-
-def list_images(folder: str) -> list[str]:
-    """Sorted image paths in ``folder`` (non-recursive). Raises DataError if it does not exist."""
-    if not os.path.isdir(folder):
-        raise DataError(f"calibration folder '{folder}' does not exist; pass a folder of images (calib=DIR)")
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
-
-
-def load_calibration_images(folder: str, n: int = 64, transform: Optional[Callable] = None, offset: int = 0,
-                            image_size: int = 224) -> torch.Tensor:
-    """Load images ``offset .. offset+n-1`` (sorted by file name) of ``folder``.
-
-    Args:
-        folder: image folder (e.g. ``../shared/data/imagenet-sample``).
-        n: number of images wanted (default 64, as SNP's ``--num-imgs-snp-calculation``).
-        transform: PIL image -> ``[3, H, W]`` tensor; default :func:`default_transform`.
-        offset: skip this many images first (keep calibration and evaluation disjoint).
-
-    Returns:
-        ``[n', 3, H, W]`` float tensor, ``n' = min(n, available)``.
-
-    Raises:
-        DataError: the folder is missing or holds no image after ``offset``.
-    Warns:
-        UserWarning: fewer than ``n`` images are available (all of them are used).
-    """
-    from PIL import Image
-
-    paths = list_images(folder)[offset:]
-    if not paths:
-        raise DataError(f"calibration folder '{folder}' has no images (suffixes {', '.join(IMAGE_SUFFIXES)}) "
-                        f"after offset {offset}")
-    if len(paths) < n:
-        warnings.warn(f"calibration folder '{folder}' has {len(paths)} images, fewer than the {n} asked; using all "
-                      f"{len(paths)}", stacklevel=2)
-    tf = transform or default_transform(image_size)
-    out = []
-    for p in paths[:n]:
-        with Image.open(p) as im:
-            out.append(tf(im.convert("RGB")))
-    return torch.stack(out)
 
 
 #: augmentations understood by :func:`augment_views` (joined with "+")

@@ -141,7 +141,7 @@ def calibration_from_args(args, transform, data: Optional[str] = None):
     import os
     import warnings
 
-    from .calibration import list_images
+    from .data import list_images
     from .data import load_image_files
     from .errors import DataError
     def same(a, b) -> bool:

@@ -1,8 +1,11 @@
-"""Loading a folder of labelled ImageNet-style images.
+"""Images: folders of labelled ImageNet-style images, calibration images, and the one transform rule.
 
 Layout (as ``../shared/data/imagenet-sample``): files ``<synset>_<anything>.JPEG`` (any
 common image suffix) and a ``synsets.txt`` whose 0-based line number of a synset is its
 class index (the standard ImageNet-1k order used by timm and torchvision).
+
+Every image vitprune reads (evaluation, calibration, kept-token maps) goes through
+:func:`eval_transform` of the model (for a graph without its model: :func:`default_eval_transform`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,49 @@ from torch.utils.data import DataLoader, Dataset
 from .errors import DataError
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+
+#: DeiT's official evaluation resizes to int(224 / 0.875) = 256 and center-crops 224
+#: (facebookresearch/deit, ``--eval-crop-ratio 0.875``); timm's hub config says 0.9.
+EVAL_CROP_PCT = {"deit_": 0.875}
+
+
+def eval_transform(model, crop_pct: Optional[float] = None) -> Callable:
+    """timm's evaluation transform for ``model`` (resize, center crop, normalise): PIL -> [3, H, W].
+
+    Args:
+        crop_pct: center-crop ratio; default: the original paper's ratio where known
+            (:data:`EVAL_CROP_PCT`, DeiT 0.875), else timm's config for the model.
+    """
+    import timm.data
+
+    cfg = timm.data.resolve_data_config({}, model=model)
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", "")
+    if crop_pct is None:
+        crop_pct = next((v for k, v in EVAL_CROP_PCT.items() if arch.startswith(k)), None)
+    if crop_pct is not None:
+        cfg["crop_pct"] = crop_pct
+    return timm.data.create_transform(**cfg)
+
+
+def default_eval_transform(image_size: int = 224) -> Callable:
+    """The same rule when only the input size is known (a graph without its model): bicubic resize to
+    ``size / 0.875``, center crop, ImageNet mean/std (timm's defaults for ViT/DeiT)."""
+    import timm.data
+
+    return timm.data.create_transform(input_size=(3, image_size, image_size), crop_pct=0.875,
+                                      interpolation="bicubic", mean=timm.data.IMAGENET_DEFAULT_MEAN,
+                                      std=timm.data.IMAGENET_DEFAULT_STD)
+
+
+def list_images(folder: str) -> list[str]:
+    """Sorted image paths in ``folder`` (non-recursive).
+
+    Raises:
+        DataError: the folder does not exist.
+    """
+    if not os.path.isdir(folder):
+        raise DataError(f"image folder '{folder}' does not exist; pass a folder of images")
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
 
 
 def read_synsets(path: str) -> dict[str, int]:
@@ -144,3 +190,29 @@ def load_image_files(paths, transform: Callable) -> tuple[torch.Tensor, list[str
 def warn_skipped(count: int, root: str) -> None:
     if count:
         warnings.warn(f"skipped {count} unreadable image(s) in {root}", stacklevel=2)
+
+
+def load_calibration_images(folder: str, n: int, transform: Callable) -> torch.Tensor:
+    """The first ``n`` readable images (sorted file names) of ``folder`` as ``[n', 3, H, W]``, no labels needed.
+
+    Raises:
+        DataError: the folder is missing or holds no readable image.
+    Warns:
+        UserWarning: fewer than ``n`` readable images (all are used), naming unreadable files.
+    """
+    paths, images, bad, start = list_images(folder), [], [], 0
+    while len(images) < n and start < len(paths):          # the first n readable ones
+        got, skipped = load_image_files(paths[start:start + n - len(images)], transform)
+        start += n - len(images)
+        images.extend(got)
+        bad.extend(skipped)
+    images = torch.stack(images) if images else torch.empty(0)
+    if not len(images):
+        raise DataError(f"calibration folder '{folder}' has no readable image (suffixes {', '.join(IMAGE_SUFFIXES)})")
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unreadable calibration image(s) in {folder}: {', '.join(map(os.path.basename, bad[:3]))}"
+                      + (" ..." if len(bad) > 3 else ""), stacklevel=2)
+    if len(images) < n:
+        warnings.warn(f"calibration folder '{folder}' has {len(images)} readable images, fewer than the {n} asked; "
+                      f"using all {len(images)}", stacklevel=2)
+    return images

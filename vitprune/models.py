@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional
+from typing import Optional
 
 import timm
 import torch
 from torch import nn
 
+from .data import eval_transform  # re-exported: the one transform rule lives in data.py
 from .errors import DataError, UnsupportedModelError
 
 
@@ -128,22 +129,6 @@ def load_weights(model: nn.Module, path: str) -> None:
 
 
 #: Evaluation crop ratios of the original papers' code where timm's hub config differs.
-#: DeiT's official evaluation resizes to int(224 / 0.875) = 256 and center-crops 224
-#: (facebookresearch/deit, ``--eval-crop-ratio 0.875``); timm's hub config says 0.9.
-EVAL_CROP_PCT = {"deit_": 0.875}
 
 
-def eval_transform(model: nn.Module, crop_pct: Optional[float] = None) -> Callable:
-    """timm's evaluation transform for ``model`` (resize, center crop, normalise): PIL -> [3, H, W].
-
-    Args:
-        crop_pct: center-crop ratio; default: the original paper's ratio where known
-            (:data:`EVAL_CROP_PCT`, DeiT 0.875), else timm's config for the model.
-    """
-    cfg = timm.data.resolve_data_config({}, model=model)
-    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", "")
-    if crop_pct is None:
-        crop_pct = next((v for k, v in EVAL_CROP_PCT.items() if arch.startswith(k)), None)
-    if crop_pct is not None:
-        cfg["crop_pct"] = crop_pct
-    return timm.data.create_transform(**cfg)
+__all__ = ["load_model", "load_weights", "similar_model_names", "eval_transform"]

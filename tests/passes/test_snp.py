@@ -6,7 +6,7 @@ import timm
 import torch
 
 import vitprune
-from vitprune.calibration import load_calibration_images
+from vitprune.data import default_eval_transform, load_calibration_images
 from vitprune.ir.values import node_values
 from vitprune.errors import DataError, InvalidPassConfigError
 from vitprune.ir.flops import gmacs
@@ -275,14 +275,16 @@ def test_missing_calibration_rejected():
 def test_calibration_folder(tmp_path):
     from PIL import Image
 
+    tf = default_eval_transform(224)
     with pytest.raises(DataError, match="does not exist"):
-        load_calibration_images(str(tmp_path / "nope"))
-    with pytest.raises(DataError, match="no images"):
-        load_calibration_images(str(tmp_path))
+        load_calibration_images(str(tmp_path / "nope"), 64, tf)
+    with pytest.raises(DataError, match="no readable image"):
+        load_calibration_images(str(tmp_path), 64, tf)
     for i in range(3):
         Image.new("RGB", (300, 260), (i * 40, 10, 200)).save(tmp_path / f"img{i}.jpg")
-    with pytest.warns(UserWarning, match="has 3 images, fewer than the 64"):
-        x = load_calibration_images(str(tmp_path), 64)
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    with pytest.warns(UserWarning, match="has 3 readable images, fewer than the 64"):
+        x = load_calibration_images(str(tmp_path), 64, tf)
     assert x.shape == (3, 3, 224, 224)
     c = vitprune.compile(tiny(depth=1), [f"snp:ratio=0.2,calib={tmp_path},calib_images=2"], example_inputs=X,
                          progress=False)

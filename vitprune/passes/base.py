@@ -19,7 +19,7 @@ import json
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 from torch.fx import GraphModule
@@ -49,12 +49,15 @@ class PassContext:
         calibration: optional calibration images ``[N, 3, H, W]`` (already transformed) for
             passes that need data, or None.
         progress: show progress bars for long work.
+        transform: the model's image transform (PIL -> ``[3, H, W]``, :func:`vitprune.data.eval_transform`)
+            for passes that load images themselves (``calib=DIR``); None when the model is not known.
         info: what the running pass recorded (:meth:`record`); one context per pass run.
     """
 
     example_inputs: tuple
     calibration: Optional[torch.Tensor] = None
     progress: bool = True
+    transform: Optional[Callable] = None
     info: dict = field(default_factory=dict)
 
     def record(self, **info: Any) -> None:

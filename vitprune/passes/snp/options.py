@@ -12,7 +12,8 @@ from typing import Literal, Optional
 
 import torch
 
-from ...calibration import augment_views, load_calibration_images, parse_augment
+from ...calibration import augment_views, parse_augment
+from ...data import default_eval_transform, load_calibration_images
 from ...errors import InvalidPassConfigError
 
 Shrink = Literal["zero", "original"]
@@ -83,7 +84,8 @@ class RecoveryOptions:
             raise InvalidPassConfigError(
                 f"{name}: needs calibration images: pass calib=DIR or compile(..., calibration=tensor)")
         else:
-            images = load_calibration_images(self.calib, self.calib_images, image_size=size[-1])
+            transform = ctx.transform or default_eval_transform(size[-1])   # the model's own rule when known
+            images = load_calibration_images(self.calib, self.calib_images, transform)
         if tuple(images.shape[-2:]) != size:
             raise InvalidPassConfigError(
                 f"{name}: calibration images are {tuple(images.shape[-2:])} pixels but the model's input is {size}; "
