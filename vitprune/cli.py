@@ -352,8 +352,11 @@ def cmd_search(args) -> int:
     best = search_schedule(model, args.data, args.target_gmacs, trials=args.trials, images=args.images,
                            seed=args.seed, progress=not args.no_progress)
     write_text(args.out, json.dumps(best, indent=2), "--out file")
+    from .passes.base import Pass
+
+    spec = " ".join(Pass.from_config(c).spec() for c in best["passes"])
     print(f"best of {args.trials}: agreement {best['agreement']:.1f} % on {best['images']} images, "
-          f"{best['gmacs']:.3f} GMACs -> {args.out}")
+          f"{best['gmacs']:.3f} GMACs -> {args.out}\n  --pass {spec}   (or --config {args.out})")
     return 0
 
 

@@ -117,11 +117,11 @@ def save_config(path: str, passes: Iterable[PassLike], **extra) -> str:
     Returns:
         ``path``.
     """
+    from .files import write_text
+
     resolved = resolve_passes(list(passes))
     doc = {"passes": [p.config() for p in resolved], "spec": [p.spec() for p in resolved], **extra}
-    with open(path, "w") as f:
-        f.write(json.dumps(doc, indent=2, default=str) + "\n")
-    return path
+    return write_text(path, json.dumps(doc, indent=2, default=str) + "\n", "pass config")
 
 
 def run_passes(gm: GraphModule, passes: Sequence[Pass], ctx: PassContext) -> tuple[GraphModule, list[dict]]:

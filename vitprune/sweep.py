@@ -43,11 +43,11 @@ from .errors import InvalidPassConfigError, SweepError, VitpruneError
 
 METHODS = ("zero-tprune", "tome", "snp", "snp+zero-tprune")
 STUDY_NAME = "vitprune-sweep"
-#: GMACs budgets searched, as fractions of the unpruned model's GMACs (docs/decisions-sweep.md).
+#: GMACs budgets searched, as fractions of the unpruned model's GMACs (docs/decisions.md ("The sweep")).
 TOKEN_FRACS = {"zero-tprune": (0.40, 0.95), "tome": (0.45, 0.95), "snp": (0.60, 0.95), "snp+zero-tprune": (0.35, 0.90)}
 #: the plain ``target_gmacs`` point of each method (default schedule, marked in the plot).
 PLAIN_FRAC = {"zero-tprune": 0.70, "tome": 0.70, "snp": 0.85, "snp+zero-tprune": 0.65}
-#: SNP options fixed in the sweep to keep a trial affordable (docs/decisions-sweep.md).
+#: SNP options fixed in the sweep to keep a trial affordable (docs/decisions.md ("The sweep")).
 SNP_FIXED = {"augment": "none", "token_weight": "none"}
 SNP_CALIB_CHOICES = (32, 64)
 PICK_RULES = ("max-drop=PT", "latency<=MSms", "speedup>=X")

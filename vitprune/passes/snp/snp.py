@@ -355,7 +355,7 @@ class SNP(RecoveryOptions, Pass):
 
     def _run(self, gm: GraphModule, ctx: PassContext, progress: Progress) -> GraphModule:
         if self.compensate and any(tag["kind"] == "tome" for _, tag in token_select_outputs(gm)):
-            # measured on DeiT-T (docs/decisions-snp.md): tome:r=6 then snp:ratio=0.15 agrees with the
+            # measured on DeiT-T (docs/decisions.md ("SNP")): tome:r=6 then snp:ratio=0.15 agrees with the
             # unpruned model on 95 % of held-out images without the refit and on 10 % with it
             raise InvalidPassConfigError(
                 "snp: the least-squares recovery after tome is not supported (it ruins held-out accuracy); "
