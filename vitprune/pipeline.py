@@ -18,7 +18,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 from torch.fx import GraphModule
 
-from .errors import InvalidPassConfigError, PassError, VitpruneError
+from .errors import InvalidPassConfigError, PassError, VitpruneError, error_line
 from .passes.base import Pass, PassContext, parse_pass_spec
 
 #: Named pipelines, usable wherever a pass list is (``compile(passes="deit-s-fast")``,
@@ -152,7 +152,7 @@ def run_passes(gm: GraphModule, passes: Sequence[Pass], ctx: PassContext) -> tup
         except VitpruneError as e:
             raise type(e)(f"{where} failed: {e}") from None
         except Exception as e:  # a bug or an unsupported graph: one line, the cause chained
-            raise PassError(f"{where} failed: {type(e).__name__}: {e}") from e
+            raise PassError(f"{where} failed: {error_line(e)}") from e
         entries.append({"pass": p.name, "config": p.config(), **pctx.info, "seconds": round(time.time() - t0, 2)})
     return gm, entries
 
