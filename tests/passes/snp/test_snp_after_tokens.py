@@ -49,7 +49,7 @@ def test_snp_after_token_pass_generalises_to_held_out_images(setting, token_pass
 
 
 def test_snp_recovery_after_tome_refused():
-    """The refit after ToMe still ruins held-out images (docs/decisions-snp.md): refused, not silent."""
+    """The refit after ToMe still ruins held-out images (docs/decisions.md ("SNP")): refused, not silent."""
     from vitprune.errors import InvalidPassConfigError
 
     x, calib = torch.randn(2, 3, 64, 64), torch.randn(4, 3, 64, 64)
