@@ -53,6 +53,7 @@ def evaluate(fn: Callable[[torch.Tensor], torch.Tensor], loader, reference: Opti
 
 
 def kl_divergence(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
-    """Mean over images of KL(softmax(ref) || softmax(logits)) in nats; both ``[N, classes]``."""
-    lp_ref, lp = ref_logits.float().log_softmax(-1), logits.float().log_softmax(-1)
+    """Mean over images of KL(softmax(ref) || softmax(logits)) in nats; both ``[N, classes]`` (computed in
+    float64: near-identical models give KLs of 1e-6 that float32 rounding would swamp)."""
+    lp_ref, lp = ref_logits.double().log_softmax(-1), logits.double().log_softmax(-1)
     return float((lp_ref.exp() * (lp_ref - lp)).sum(-1).mean())

@@ -20,15 +20,10 @@ import torch
 from torch.fx import GraphModule
 
 from ..errors import InvalidPassConfigError
+from ..eval.metrics import kl_divergence
 from .base import PASS_REGISTRY, Pass, PassContext, register_pass
 from .snp.engine import Criterion
 from .snp.options import RecoveryOptions
-
-
-def calibration_kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
-    """Mean ``KL(softmax(reference) || softmax(logits))`` over images (``[n, classes]`` each)."""
-    lp, lq = reference.double().log_softmax(-1), logits.double().log_softmax(-1)
-    return float((lp.exp() * (lp - lq)).sum(-1).mean())
 
 
 @register_pass("snp-tokens")
@@ -122,7 +117,7 @@ class SNPTokens(RecoveryOptions, Pass):
         for s in self.splits:
             out, records = self.compose(gm, ctx, s)
             with torch.no_grad():
-                tried[s] = calibration_kl(ref, out(calib))
+                tried[s] = kl_divergence(ref, out(calib))
             if best is None or tried[s] < tried[best[0]]:
                 best = (s, out, records)
         ctx.record(split=best[0], calibration_kl={str(k): round(v, 5) for k, v in tried.items()}, passes=best[2])

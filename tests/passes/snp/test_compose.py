@@ -6,7 +6,7 @@ import torch
 import vitprune
 from vitprune.errors import InvalidPassConfigError
 from vitprune.passes.base import parse_pass_spec
-from vitprune.passes.compose import calibration_kl
+from vitprune.eval.metrics import kl_divergence
 
 FAST = "augment=none,token_weight=none,calib_images=8"
 
@@ -49,7 +49,7 @@ def test_split_none_keeps_the_lowest_calibration_kl():
     kls = {float(k): v for k, v in rec["calibration_kl"].items()}
     assert rec["split"] == min(kls, key=kls.get)
     with torch.no_grad():      # the recorded KL is the chosen model's, on the calibration images
-        assert abs(calibration_kl(m(CAL), c(CAL)) - kls[rec["split"]]) < 1e-4
+        assert abs(kl_divergence(m(CAL), c(CAL)) - kls[rec["split"]]) < 1e-4
 
 
 @pytest.mark.parametrize("spec,match", [
