@@ -700,11 +700,8 @@ def _remote_device(tracker: Optional[str], key: Optional[str], backend: str):
         raise SweepError("--tracker HOST:PORT and --device-key KEY go together")
     if backend != "tvm":
         raise SweepError(f"--tracker measures over TVM RPC: it needs --backend tvm, got --backend {backend}")
-    try:
-        from . import devices
-    except ImportError:
-        raise SweepError("--tracker needs vitprune.devices (remote devices over TVM RPC), which this vitprune "
-                         "does not have yet; drop --tracker/--device-key to measure on this machine") from None
+    from . import devices
+
     return devices.remote(tracker, key)
 
 
