@@ -36,7 +36,17 @@ def test_tune_then_cache_hit(cache_dir, tmp_path, monkeypatch):
     x = torch.randn(1, 3, 16, 16)
     m = _mlp(0)
     gm = export_program(m, (x,)).module()
-    first = TvmBackend().lower(gm, (x,), tune=True, trials=1, progress=False, tune_ops=["matmul"])
+    # a handler without a name on MetaSchedule's logger (pytest >= 9 attaches its capture handler to it once
+    # an earlier tune made it non-propagating) broke MetaSchedule's logger set-up; it must stay attached
+    import logging
+
+    ms_logger, stray = logging.getLogger("tvm.s_tir.meta_schedule"), logging.NullHandler()
+    ms_logger.addHandler(stray)
+    try:
+        first = TvmBackend().lower(gm, (x,), tune=True, trials=1, progress=False, tune_ops=["matmul"])
+        assert stray in ms_logger.handlers
+    finally:
+        ms_logger.removeHandler(stray)
     tr = first.tuning
     assert not tr.cache_hit and tr.trials >= 1 and tr.work_dir.startswith(str(cache_dir))
     meta = json.load(open(os.path.join(tr.work_dir, "meta.json")))

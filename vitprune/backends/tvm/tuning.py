@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -283,6 +285,25 @@ def _runner_and_export(target, device):
     return DeviceRunner(), export_shared_aarch64 if target_family(target) == "arm" else export_shared
 
 
+@contextlib.contextmanager
+def _unnamed_handlers_detached():
+    """Detach the handlers without a name from MetaSchedule's logger while it tunes.
+
+    Each tuning call rebuilds that logger with ``logging.config.dictConfig``, listing the logger's current
+    handlers by name; one without a name (pytest >= 9 attaches its capture handler to every logger that does
+    not propagate, and TVM's own logger does not) makes it fail with "'NoneType' object has no attribute
+    'format'". They are attached again afterwards."""
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    foreign = [h for h in logger.handlers if h.get_name() is None]
+    for h in foreign:
+        logger.removeHandler(h)
+    try:
+        yield
+    finally:
+        for h in foreign:
+            logger.addHandler(h)
+
+
 def _run_metaschedule(tasks: list, plan: dict, tmp: str, target=None, device=None) -> None:
     """Tune ``tasks`` (ExtractedTask) with ``plan[key]`` trials each into the database at ``tmp``,
     measuring on ``device`` (None: this machine)."""
@@ -297,15 +318,16 @@ def _run_metaschedule(tasks: list, plan: dict, tmp: str, target=None, device=Non
     database = ms.database.JSONDatabase(work_dir=tmp)
     cost_model = ms.cost_model.XGBModel(adaptive_training=True)
     try:
-        for n, keys in _buckets(plan):
-            # evolutionary search spent ~30 s per task here before its first trial (population sampling
-            # and cost-model ranking); for a handful of trials, random samples of the design space
-            # (replay-trace) start at once
-            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                [by_key[k] for k in keys], work_dir=tmp, strategy="evolutionary" if n > 8 else "replay-trace")
-            ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=tmp, max_trials_global=n * len(keys),
-                          max_trials_per_task=n, num_trials_per_iter=min(16, n), builder=builder,
-                          runner=runner, database=database, cost_model=cost_model)
+        with _unnamed_handlers_detached():
+            for n, keys in _buckets(plan):
+                # evolutionary search spent ~30 s per task here before its first trial (population sampling
+                # and cost-model ranking); for a handful of trials, random samples of the design space
+                # (replay-trace) start at once
+                contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                    [by_key[k] for k in keys], work_dir=tmp, strategy="evolutionary" if n > 8 else "replay-trace")
+                ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=tmp, max_trials_global=n * len(keys),
+                              max_trials_per_task=n, num_trials_per_iter=min(16, n), builder=builder,
+                              runner=runner, database=database, cost_model=cost_model)
     finally:
         builder.shutdown()
 
