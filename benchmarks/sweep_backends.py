@@ -35,7 +35,7 @@ def main() -> None:
     example = (torch.zeros_like(x),)
     mods = {}
     for be in args.backends.split(","):
-        opts = {"threads": args.threads} if be == "onnx" else {"target": "cpu", "progress": False} if be == "tvm" else {}
+        opts = {"threads": args.threads} if be == "onnx" else {"target": "cpu"} if be == "tvm" else {}
         mods[(be, "unpruned")] = vitprune.compile(model, [], backend=be, example_inputs=example, progress=False, **opts)
         mods[(be, "chosen")] = vitprune.compile(model, [Pass.from_config(c) for c in cfg["passes"]], backend=be,
                                                 example_inputs=example, progress=False, **opts)

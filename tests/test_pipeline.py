@@ -53,7 +53,7 @@ def test_pass_leaves_its_input_graph_unchanged_and_keeps_no_state(spec, graph):
     with torch.no_grad():
         before = gm(x)
     p = parse_pass_spec(spec)
-    ctx = PassContext(example_inputs=(x,), calibration=torch.randn(4, 3, 64, 64), progress=False)
+    ctx = PassContext(example_inputs=(x,), calibration=torch.randn(4, 3, 64, 64))
     first = p(gm, ctx)
     assert gm.code == code
     assert all(torch.equal(v, params[k]) for k, v in gm.state_dict().items())
@@ -69,7 +69,7 @@ def test_pass_leaves_its_input_graph_unchanged_and_keeps_no_state(spec, graph):
 def test_runner_builds_report_entries_and_names_the_failing_pass(graph):
     gm, x = graph
     passes = resolve_passes(["explicit-attention", "zero-tprune:prune_blocks=1,keep=0.5"])
-    ctx = PassContext(example_inputs=(x,), progress=False)
+    ctx = PassContext(example_inputs=(x,))
     out, entries = run_passes(gm, passes, ctx)
     assert [e["pass"] for e in entries] == ["explicit-attention", "zero-tprune"]
     assert entries[0]["blocks_rewritten"] == [0, 1, 2, 3] and entries[1]["tokens_per_layer"] == [9]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 import warnings
@@ -20,6 +21,7 @@ from .ir.flops import gmacs
 from .ir.capture import capture, check_example_inputs, check_image_batch
 from .passes.base import Pass, PassContext
 from .pipeline import PassLike, resolve_passes, run_passes
+from .progress import CompileProgress
 
 
 @dataclass
@@ -153,7 +155,10 @@ def compile(model: nn.Module, passes: Union[PassLike, Sequence[PassLike]] = (), 
         backend: ``"torch"`` (more with the ONNX and TVM backends installed).
         example_inputs: ``[B, 3, H, W]`` float tensor; default zeros at the model's input size.
         calibration: calibration images ``[N, 3, H, W]`` for passes that need data.
-        progress: show progress bars during long passes.
+        progress: one progress display on stderr for the whole compile (:mod:`vitprune.progress`:
+            capture, each pass with its current step and per-block detail, lowering; elapsed and
+            estimated time left), cleared when compile returns or raises; backends that take a
+            ``progress`` option (tvm's tuning bars) get the same value. False: no output.
         check_parity: compare the lowered module with the eager graph on ``example_inputs``;
             True raises :class:`ParityError`, ``"warn"`` warns, False skips.
         atol: parity tolerance on logits (max abs difference).
@@ -169,15 +174,23 @@ def compile(model: nn.Module, passes: Union[PassLike, Sequence[PassLike]] = (), 
     pass_list = resolve_passes(passes)  # validate every config before touching a graph
     check_supported(type(model).__name__, [p.name for p in pass_list])
     example = check_example_inputs(example_inputs) if example_inputs is not None else default_example_inputs(model)
-    gm = capture(model, example)
-    image_shape = tuple(example[0].shape[1:])
-    before = gmacs(gm, image_shape)
-    ctx = PassContext(example_inputs=example, calibration=calibration, progress=progress, transform=_transform(model))
-    gm, entries = run_passes(gm, pass_list, ctx)
-    after = gmacs(gm, image_shape) if pass_list else before
-    lowered = get_backend(backend).lower(gm, example, **backend_options)
-    if check_parity:
-        _check_parity(gm, lowered, example, atol, warn_only=check_parity == "warn", backend=backend)
+    lower = get_backend(backend).lower
+    if "progress" in inspect.signature(lower).parameters:     # tvm's tuning bars follow ``progress``
+        backend_options["progress"] = progress
+    with CompileProgress(len(pass_list) + 2, enabled=progress) as display:   # cleared on return or raise
+        display.begin("capture")
+        gm = capture(model, example)
+        image_shape = tuple(example[0].shape[1:])
+        before = gmacs(gm, image_shape)
+        ctx = PassContext(example_inputs=example, calibration=calibration, display=display,
+                          transform=_transform(model))
+        gm, entries = run_passes(gm, pass_list, ctx)
+        after = gmacs(gm, image_shape) if pass_list else before
+        display.begin(f"lower {backend}")
+        lowered = lower(gm, example, **backend_options)
+        if check_parity:
+            display.step("parity check")
+            _check_parity(gm, lowered, example, atol, warn_only=check_parity == "warn", backend=backend)
     report = CompileReport(model=gm.meta.get("vitprune_model_class", type(model).__name__), backend=backend,
                            input_shape=list(example[0].shape), gmacs_before=before, gmacs_after=after,
                            passes=entries, seconds=time.time() - t0,

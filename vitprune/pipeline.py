@@ -130,8 +130,9 @@ def run_passes(gm: GraphModule, passes: Sequence[Pass], ctx: PassContext) -> tup
     Args:
         gm: the captured graph.
         passes: configured passes (:func:`resolve_passes`).
-        ctx: example inputs, calibration images and progress setting shared by every pass; each pass
-            gets a fresh copy (:meth:`PassContext.fresh`).
+        ctx: example inputs, calibration images and progress display shared by every pass; each pass
+            gets a fresh copy (:meth:`PassContext.fresh`). With a display, each pass begins a stage
+            of it, shown as ``pass i/n NAME``.
 
     Returns:
         the final graph and one report entry per pass: ``{"pass", "config", "seconds", **recorded}``.
@@ -145,6 +146,8 @@ def run_passes(gm: GraphModule, passes: Sequence[Pass], ctx: PassContext) -> tup
         before = [q.name for q in passes[:i]]
         where = f"pass {p.name!r}" + (f" (after {', '.join(before)})" if before else "")
         pctx = ctx.fresh()
+        if ctx.display is not None:
+            ctx.display.begin(f"pass {i + 1}/{len(passes)} {p.name}")
         t0 = time.time()
         try:
             gm = p(gm, pctx)

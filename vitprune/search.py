@@ -77,7 +77,7 @@ def search_schedule(model: torch.nn.Module, data_dir: str, target_gmacs: float, 
     ref = _predict(gm, x)
 
     def evaluate(p) -> dict:
-        pruned = p(gm, PassContext(example_inputs=example, progress=False))
+        pruned = p(gm, PassContext(example_inputs=example))
         pred = _predict(pruned, x)
         return {"config": p.config(), "agreement": 100.0 * float((pred == ref).float().mean()),
                 "top1": 100.0 * float((pred == labels).float().mean()) if labels is not None else None,

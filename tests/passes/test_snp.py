@@ -194,7 +194,7 @@ def test_explicit_attention_and_fewer_tokens_later():
     gm = recapture(gm, (X,))
     sites = find_attention_sites(gm)
     assert [x.num_tokens for x in sites] == [197, 100] and sites[1].kind == "explicit"
-    ctx = PassContext(example_inputs=(X,), calibration=CAL, progress=False)
+    ctx = PassContext(example_inputs=(X,), calibration=CAL)
     ref = gm(X)
     same = SNP(ratio=0.0)(gm, ctx)
     assert torch.equal(same(X), ref)

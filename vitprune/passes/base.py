@@ -25,6 +25,7 @@ import torch
 from torch.fx import GraphModule
 
 from ..errors import InvalidPassConfigError
+from ..progress import CompileProgress, Detail
 
 PASS_REGISTRY: dict[str, type["Pass"]] = {}
 
@@ -48,7 +49,9 @@ class PassContext:
         example_inputs: 1-tuple with an image batch ``[B, 3, H, W]`` used to re-export graphs.
         calibration: optional calibration images ``[N, 3, H, W]`` (already transformed) for
             passes that need data, or None.
-        progress: show progress bars for long work.
+        display: the compile's progress display (:class:`vitprune.progress.CompileProgress`), shared by
+            every pass of one compile; None (a pass run by hand) shows nothing. Passes use it through
+            :meth:`step` and :meth:`detail`, which do nothing without one.
         transform: the model's image transform (PIL -> ``[3, H, W]``, :func:`vitprune.data.eval_transform`)
             for passes that load images themselves (``calib=DIR``); None when the model is not known.
         info: what the running pass recorded (:meth:`record`); one context per pass run.
@@ -56,7 +59,7 @@ class PassContext:
 
     example_inputs: tuple
     calibration: Optional[torch.Tensor] = None
-    progress: bool = True
+    display: Optional[CompileProgress] = None
     transform: Optional[Callable] = None
     info: dict = field(default_factory=dict)
 
@@ -64,8 +67,18 @@ class PassContext:
         """Add ``info`` (JSON-friendly values) to the report entry of the pass that is running."""
         self.info.update(info)
 
+    def step(self, text: str) -> None:
+        """Show ``text`` as the running pass's current step (``"fisher scores"``, ``"block 5/12"``)."""
+        if self.display is not None:
+            self.display.step(text)
+
+    def detail(self, desc: str) -> Detail:
+        """The nested bar (titled ``desc``) of the running pass's work; close it when done (``with``).
+        Its fraction done moves the compile's bar; without a :attr:`display` it does nothing."""
+        return self.display.detail(desc) if self.display is not None else Detail(None, desc)
+
     def fresh(self) -> "PassContext":
-        """A context with the same inputs and an empty :attr:`info`, for the next pass."""
+        """A context with the same inputs and display and an empty :attr:`info`, for the next pass."""
         return dataclasses.replace(self, info={})
 
 

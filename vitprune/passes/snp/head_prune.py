@@ -17,7 +17,7 @@ from ...errors import InvalidPassConfigError
 from ...ir.match import find_attention_sites
 from ..base import Pass, PassContext, register_pass
 from .engine import BlockPlan, prune_blocks
-from .options import BLOCK_BATCH_COST, Progress, RecoveryOptions
+from .options import BLOCK_BATCH_COST, RecoveryOptions, block_steps
 from .surgery import finalize, value_head_dim
 
 
@@ -72,13 +72,10 @@ class HeadPrune(RecoveryOptions, Pass):
             return gm
         calib, views = self.augmented_calibration(ctx, self.name)
         batches = -(-int(calib.shape[0]) // (self.batch_size * views))
-        progress = Progress(ctx.progress, "head-prune")
-        progress.plan(len(sites) * batches * BLOCK_BATCH_COST)
-        try:
+        with ctx.detail("head-prune") as progress:
+            progress.plan(len(sites) * batches * BLOCK_BATCH_COST)
             work, records = prune_blocks(gm, calib, plans, self, views=views,
-                                         on_block=lambda li: progress.step(batches * BLOCK_BATCH_COST))
-        finally:
-            progress.close()
+                                         on_block=block_steps(ctx, progress, len(sites), batches * BLOCK_BATCH_COST))
         out = finalize(work, ctx.example_inputs)
         ctx.record(heads_removed=counts, blocks=records, calibration_images=int(calib.shape[0]) // views,
                    calibration_views=views)

@@ -8,7 +8,7 @@ this one object. ``head-prune`` only overrides two defaults.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 
@@ -103,27 +103,15 @@ class RecoveryOptions:
 FISHER_BATCH_COST, BLOCK_BATCH_COST = 3.0, 5.0
 
 
-class Progress:
-    """One tqdm bar for a whole SNP / head-prune call, in estimated block-batch units, so its
-    "time left" covers every step (Fisher scores, dry run, block-by-block pruning)."""
+def block_steps(ctx, detail, blocks: int, units: float, what: str = "block") -> Callable[[int], None]:
+    """The ``on_block`` callback of :func:`vitprune.passes.snp.engine.prune_blocks` for the progress
+    display: shows ``"{what} 1/{blocks}"`` as the pass's step now and the next block's number after
+    each block, and advances ``detail`` (:class:`vitprune.progress.Detail`) by ``units`` per block."""
+    ctx.step(f"{what} 1/{blocks}")
 
-    def __init__(self, enabled: bool, desc: str):
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
+    def on_block(li: int) -> None:
+        detail.advance(units)
+        if li + 1 < blocks:
+            ctx.step(f"{what} {li + 2}/{blocks}")
 
-            self.bar = tqdm(total=0, desc=desc, leave=False, bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
-
-    def plan(self, units: float) -> None:
-        """Announce ``units`` more work."""
-        if self.bar is not None:
-            self.bar.total += units
-            self.bar.refresh()
-
-    def step(self, units: float) -> None:
-        if self.bar is not None:
-            self.bar.update(units)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    return on_block

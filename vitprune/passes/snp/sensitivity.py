@@ -45,11 +45,11 @@ class BlockScores:
 
 
 def block_fisher_scores(gm: GraphModule, sites: Sequence[AttentionSite], images: torch.Tensor,
-                        batch_size: int = 16, progress: bool = False,
+                        batch_size: int = 16,
                         on_batch: Optional[Callable[[], None]] = None) -> list[BlockScores]:
     """Fisher scores of every block's structures on ``images`` ``[n, 3, H, W]`` (one forward
-    and backward pass per batch; only ``[H, d]``-sized sums are kept). ``progress``: a tqdm bar
-    of its own; ``on_batch``: called after each batch instead (a caller's bar)."""
+    and backward pass per batch; only ``[H, d]``-sized sums are kept). ``on_batch``: called after
+    each batch (the caller's progress)."""
     masked = {}
     for s in sites:
         masked[s.q] = _token_dim(s.q, s.num_tokens, default=2)
@@ -60,12 +60,7 @@ def block_fisher_scores(gm: GraphModule, sites: Sequence[AttentionSite], images:
     probes = [n for s in sites for n in (s.attn_residual, s.mlp_residual)
               if n is not None and _token_dim(n, s.num_tokens) == 1]
     acc = [dict(qk=0.0, v=0.0, head=0.0, fc1=0.0, attn_tokens=[], mlp_tokens=[]) for _ in sites]
-    starts = range(0, images.shape[0], batch_size)
-    if progress:
-        from tqdm import tqdm
-
-        starts = tqdm(starts, desc="fisher scores", leave=False)
-    for st in starts:
+    for st in range(0, images.shape[0], batch_size):
         g, _ = mask_gradients(gm, images[st:st + batch_size], masked, probes=probes)
         for a, s in zip(acc, sites):
             H, dv = s.num_heads, value_head_dim(s)

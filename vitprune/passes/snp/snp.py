@@ -25,9 +25,10 @@ from ...errors import InvalidPassConfigError
 from ...ir.match import find_attention_sites
 from ...ir.sites import AttentionSite
 from ...ir.tags import token_select_outputs
+from ...progress import Detail
 from ..base import Pass, PassContext, register_pass
 from .engine import BlockPlan, Criterion, prune_blocks
-from .options import BLOCK_BATCH_COST, FISHER_BATCH_COST, Progress, RecoveryOptions
+from .options import BLOCK_BATCH_COST, FISHER_BATCH_COST, RecoveryOptions, block_steps
 from .presets import PRESETS, preset_name
 from .surgery import finalize, value_head_dim
 from ...ir.cost import BlockDims, bisect_budget
@@ -327,10 +328,11 @@ class SNP(RecoveryOptions, Pass):
         return self.uses_fisher_allocation() or self.criterion == "fisher" or self.token_weight == "fisher"
 
     def fisher_scores(self, gm: GraphModule, sites: list[AttentionSite], calib: torch.Tensor,
-                      progress: Optional[Progress] = None) -> Optional[list]:
+                      ctx: Optional[PassContext] = None, progress: Optional[Detail] = None) -> Optional[list]:
         """Per-block Fisher scores on the calibration images when :meth:`needs_fisher`, else None;
         memoised in-process (:mod:`vitprune.passes.snp.cache`: the same model and views give the
-        same scores whatever the budget)."""
+        same scores whatever the budget). When computed, shown as the step ``fisher scores`` of
+        ``ctx``'s display, and ``progress`` (the pass's nested bar) advances per batch."""
         if not self.needs_fisher():
             return None
         from .cache import fingerprint, memo
@@ -339,21 +341,20 @@ class SNP(RecoveryOptions, Pass):
         cost = len(sites) * FISHER_BATCH_COST
 
         def compute():
+            if ctx is not None:
+                ctx.step("fisher scores")
             if progress is not None:
                 progress.plan(cost * -(-int(calib.shape[0]) // self.batch_size))
-            tick = (lambda: progress.step(cost)) if progress is not None else None  # noqa: E731
+            tick = (lambda: progress.advance(cost)) if progress is not None else None  # noqa: E731
             return block_fisher_scores(gm, sites, calib, self.batch_size, on_batch=tick)
 
         return memo(fingerprint(gm, calib, "fisher", self.batch_size), compute)
 
     def rewrite(self, gm: GraphModule, ctx: PassContext) -> GraphModule:
-        progress = Progress(ctx.progress, "snp")       # the runner records the pass's seconds
-        try:
+        with ctx.detail("snp") as progress:       # the runner records the pass's seconds
             return self._run(gm, ctx, progress)
-        finally:
-            progress.close()
 
-    def _run(self, gm: GraphModule, ctx: PassContext, progress: Progress) -> GraphModule:
+    def _run(self, gm: GraphModule, ctx: PassContext, progress: Detail) -> GraphModule:
         if self.compensate and any(tag["kind"] == "tome" for _, tag in token_select_outputs(gm)):
             # measured on DeiT-T (docs/decisions.md ("SNP")): tome:r=6 then snp:ratio=0.15 agrees with the
             # unpruned model on 95 % of held-out images without the refit and on 10 % with it
@@ -371,18 +372,19 @@ class SNP(RecoveryOptions, Pass):
         calib, views = self.augmented_calibration(ctx, self.name)
         batches = -(-int(calib.shape[0]) // (self.batch_size * views))
         dry = self.allocation == "recovery" and self.needs_fisher() and self.uses_fisher_allocation()
-        progress.plan(len(sites) * batches * BLOCK_BATCH_COST * (1 + dry))
-        tick = lambda li: progress.step(batches * BLOCK_BATCH_COST)  # noqa: E731
-        scores = self.fisher_scores(gm, sites, calib, progress)
+        units = batches * BLOCK_BATCH_COST
+        progress.plan(len(sites) * units * (1 + dry))
+        scores = self.fisher_scores(gm, sites, calib, ctx, progress)
         if dry and scores is not None:
             from .allocation import recovery_weighted
 
             # dry run at the uniform widths: how much of each block's error the refit removes
             _, probe = prune_blocks(gm, calib, self.uniform_plans(sites, rest), self, self.criterion, views,
-                                    on_block=tick)
+                                    on_block=block_steps(ctx, progress, len(sites), units, "dry run: block"))
             scores = recovery_weighted(scores, probe)
         plans, embed_keep = self.plans(sites, rest, scores)
-        work, records = prune_blocks(gm, calib, plans, self, self.criterion, views, scores, on_block=tick)
+        work, records = prune_blocks(gm, calib, plans, self, self.criterion, views, scores,
+                                     on_block=block_steps(ctx, progress, len(sites), units))
         out = finalize(work, ctx.example_inputs)
         embed_info = None
         if embed_keep is not None and embed_keep != sites[0].embed_dim:
