@@ -40,6 +40,7 @@ def test_user_model_is_not_mutated(tiny):
     assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())
 
 
+@pytest.mark.slow
 def test_export_load_fresh_process(tiny, tmp_path):
     compiled = vitprune.compile(tiny, passes=["explicit-attention"])
     path = str(tmp_path / "m.pt2")

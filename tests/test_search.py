@@ -36,6 +36,7 @@ def tiny():
     return m
 
 
+@pytest.mark.slow
 def test_search_returns_best_config_that_rebuilds_and_meets_budget(image_dir):
     m = tiny()
     dense = vitprune.compile(m, [], example_inputs=torch.randn(2, 3, 64, 64)).report.gmacs_before
@@ -58,6 +59,7 @@ def test_search_returns_best_config_that_rebuilds_and_meets_budget(image_dir):
     assert agree == pytest.approx(best["agreement"])
 
 
+@pytest.mark.slow
 def test_search_is_the_sweeps_schedule_space(image_dir):
     """Trial 0 is the pass's default schedule; the others come from the sweep's Zero-TPrune space."""
     from vitprune.sweep import zero_tprune_layouts

@@ -40,6 +40,7 @@ def test_onnx_pruned_graph(pruned_gm):
     assert "TopK" in ops and "Softmax" in ops
 
 
+@pytest.mark.slow
 def test_export_and_reload_in_fresh_process(vit, tmp_path):
     """ONNX and .pt2 exports reload with no model code in a new interpreter and give the same outputs."""
     x = torch.randn(2, 3, 32, 32)

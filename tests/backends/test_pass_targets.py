@@ -34,6 +34,7 @@ def pruned(request):
     return request.param, c.graph_module
 
 
+@pytest.mark.slow
 def test_cpu_runs_and_matches_eager(pruned):
     name, gm = pruned
     mod = TvmBackend().lower(gm, (X1,), target="cpu", use_cache=False, progress=False)
@@ -54,6 +55,7 @@ def test_cuda_builds_with_every_function_scheduled(pruned, recwarn):
 
 
 @needs_cross
+@pytest.mark.slow
 def test_arm_exports_an_aarch64_library(pruned, tmp_path):
     name, gm = pruned
     mod = TvmBackend().lower(gm, (X1,), target="arm", progress=False)

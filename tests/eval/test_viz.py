@@ -84,6 +84,7 @@ def test_draw_writes_png(tmp_path):
     assert data == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_cli_viz_writes_png_and_groups(tmp_path):
     from PIL import Image
 
@@ -112,6 +113,7 @@ def _ztp_reference_groups(n, kept, src, dst):
 
 
 @pytest.mark.parametrize("merge_all", [True, False])
+@pytest.mark.slow
 def test_ztp_merge_groups_against_eager_selection_and_carried_sizes(merge_all):
     from vitprune.eval.viz import layer_label
     from vitprune.ops.zero_tprune_layer import select_tokens

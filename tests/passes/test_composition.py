@@ -26,6 +26,7 @@ def tiny_vit():
 
 
 @pytest.mark.parametrize("passes", list(ORDERS.values()), ids=list(ORDERS))
+@pytest.mark.slow
 def test_snp_and_zero_tprune_compose(passes):
     model = tiny_vit()
     x = torch.randn(2, 3, 64, 64)
@@ -44,6 +45,7 @@ def test_snp_and_zero_tprune_compose(passes):
 
 
 @pytest.mark.parametrize("token_pass", ["zero-tprune", "tome"])
+@pytest.mark.slow
 def test_token_budget_on_snp_pruned_widths(token_pass):
     """After SNP the blocks have different widths; a token pass's GMACs budget must still be met
     (measured by the FLOP counter, ±1 %), not the budget of a dense model of the same depth."""

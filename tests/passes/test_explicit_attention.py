@@ -44,6 +44,7 @@ def test_explicit_exposes_probabilities():
         assert torch.allclose(compiled(x), model(x), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_torchvision_and_hf_parity():
     import torchvision
 

@@ -65,6 +65,7 @@ def test_scale_kept_in_pruned_model_output():
 
 
 @pytest.mark.parametrize("name,round_to", [("deit-t", 1), ("deit-t", None)])  # deit-s: benchmarks/snp_throughput.py
+@pytest.mark.slow
 def test_preset_gmacs_match_table_and_analytic(name, round_to):
     p = PRESETS[name]
     a = p["arch"]

@@ -229,6 +229,7 @@ def test_exports_to_onnx_and_matches_onnxruntime(tmp_path):
     assert not ops & {"ScatterElements", "ScatterND"}, ops
 
 
+@pytest.mark.slow
 def test_tvm_imports_and_runs():
     pytest.importorskip("tvm")
     m = tiny_vit(depth=2, dim=24)

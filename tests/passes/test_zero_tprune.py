@@ -113,6 +113,7 @@ def test_gmacs_match_independent_analytic_count(kw, layers):
     assert abs(rec["gmacs_analytic"] - measured) <= 1e-3 * measured
 
 
+@pytest.mark.slow
 def test_target_gmacs_hit_within_one_percent():
     m = tiny_vit(depth=6, img=96)
     x = torch.randn(2, 3, 96, 96)
@@ -153,6 +154,7 @@ def test_presets_on_deit_small_hit_the_papers_budgets():
     assert abs(c.report.gmacs_after - PRESETS["a"]) <= 0.01 * PRESETS["a"]
 
 
+@pytest.mark.slow
 def test_exports_to_onnx_and_matches_onnxruntime(tmp_path):
     pytest.importorskip("onnxruntime")
     m = tiny_vit(depth=3)
@@ -165,6 +167,7 @@ def test_exports_to_onnx_and_matches_onnxruntime(tmp_path):
     assert not ops & {"ScatterElements", "ScatterND", "NonZero"}, ops
 
 
+@pytest.mark.slow
 def test_tvm_imports_and_runs():
     pytest.importorskip("tvm")
     m = tiny_vit(depth=2, dim=24)
@@ -232,6 +235,7 @@ def test_model_dependent_errors_leave_graph_untouched(kw, msg):
     assert gm.code == before
 
 
+@pytest.mark.slow
 def test_merge_mode_counts_exports_and_is_per_sample(tmp_path):
     m = tiny_vit(depth=4)
     x = torch.randn(3, 3, 64, 64)
@@ -307,6 +311,7 @@ def test_merge_all_merges_every_removed_token_into_a_kept_one():
     torch.testing.assert_close((gather_tokens(mx, kept) * size).sum(1), x.sum(1), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_merge_all_counts_and_exports(tmp_path):
     pytest.importorskip("onnxruntime")
     m = tiny_vit(depth=4)
