@@ -6,8 +6,9 @@ graph value (Zero-TPrune's I-stage reads them, ALGORITHMS.md §1g pitfall 1).
 merge variant): a token that stands for ``s`` patches counts ``s`` times in the softmax: ``log(s)`` is added to the
 attention logits over keys. Where the block still uses fused attention (SDPA) and nothing else
 needs its probabilities, the bias goes in as SDPA's float ``attn_mask`` ``[B, 1, 1, N]``, so the
-fused kernel is kept (the explicit form materialises ``[B, H, N, N]`` logits and costs about 40 %
-more attention time on CPU); otherwise it is added to the explicit logits before the softmax.
+fused kernel is kept (the explicit form materialises ``[B, H, N, N]`` logits; its cost:
+docs/decisions.md, "Proportional attention stays fused"); otherwise it is added to the explicit
+logits before the softmax.
 """
 
 from __future__ import annotations

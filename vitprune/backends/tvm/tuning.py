@@ -206,8 +206,8 @@ def _merge(src_dir: str, work_dir: str, untuned_ms: Optional[dict] = None) -> tu
 
     ``untuned_ms`` (task key -> untuned time, ms) keeps only records faster than the task's untuned
     code: with a small budget, or on a busy machine, every sampled schedule of a cheap task can be
-    slower than TVM's default lowering (seen: a 197x192 layer norm at 5.4 ms tuned vs 0.06 ms
-    untuned), and the database would apply the best of them anyway.
+    slower than TVM's default lowering (an example: docs/decisions.md, "Tuned records slower than
+    the untuned code are not kept"), and the database would apply the best of them anyway.
 
     Returns:
         (records measured, keys of the tasks that got at least one record kept).
@@ -320,9 +320,9 @@ def _run_metaschedule(tasks: list, plan: dict, tmp: str, target=None, device=Non
     try:
         with _unnamed_handlers_detached():
             for n, keys in _buckets(plan):
-                # evolutionary search spent ~30 s per task here before its first trial (population sampling
-                # and cost-model ranking); for a handful of trials, random samples of the design space
-                # (replay-trace) start at once
+                # evolutionary search is slow to reach its first trial (population sampling and cost-model
+                # ranking); for a handful of trials, random samples of the design space (replay-trace) start
+                # at once (docs/decisions.md, "Replay-trace search for up to 8 trials per task")
                 contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                     [by_key[k] for k in keys], work_dir=tmp, strategy="evolutionary" if n > 8 else "replay-trace")
                 ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=tmp, max_trials_global=n * len(keys),

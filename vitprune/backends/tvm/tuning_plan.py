@@ -1,9 +1,8 @@
 """Which tuning tasks get MetaSchedule trials, and how many (the tuning budget plan).
 
-A token-pruned ViT has hundreds of distinct TIR tasks (DeiT-T with Zero-TPrune at 0.96 GMACs: 292;
-every kept-token count makes new matmul, softmax and layer-norm workloads, plus the small selection
-ops), but the time goes to a few dozen: measured untuned, 27 matmul/conv tasks hold 95 % of the
-FLOPs, and the 260 smallest tasks together cost less than the untuned time of one large matmul.
+A token-pruned ViT has hundreds of distinct TIR tasks (every kept-token count makes new matmul,
+softmax and layer-norm workloads, plus the small selection ops), but the time goes to a few dozen
+matmul/conv tasks (the counts for DeiT-T: docs/decisions.md, "Tune only tasks worth it").
 MetaSchedule pays one search iteration (seconds) per task however small, so spending the budget
 evenly per task ("``trials × tasks``") wastes most of it.
 
@@ -15,7 +14,7 @@ not tuned: LLVM's default lowering of the naive loop nest), on random inputs, an
 - splits the budget ``trials × (tasks tuned)`` over the tuned tasks in proportion to the square root of
   their untuned time (large matmuls get most trials, but every tuned task gets at least
   ``min_trials``), capped at ``max_trials`` per task, where MetaSchedule's gain flattens
-  (TVM_NOTES.md §2: 32 trials per task gave 37 ms, 16 gave 40 ms on DeiT-T).
+  (docs/decisions.md, "32 trials per tuned task on average"; TVM_NOTES.md §2).
 """
 
 from __future__ import annotations

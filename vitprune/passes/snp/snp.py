@@ -90,23 +90,19 @@ class SNP(RecoveryOptions, Pass):
             ``||a_j||·||W_next[:, j]||`` for v/fc1) or ``lsq`` (q-k pair score; v/fc1 chosen by
             greedy least-squares removal, see :func:`vitprune.passes.snp.lstsq.greedy_lsq_select`) or
             ``fisher`` (heads, q-k pairs, v and fc1 neurons by the Fisher information of their
-            masks, :mod:`vitprune.passes.snp.sensitivity`). Default ``activation``: with recovery
-            it kept more top-1 agreement on the 64 calibration images at -10 % GMACs (93.8 vs
-            89.1 %) and tied at -20 % (benchmarks/snp_accuracy.py); SNP's weight-only scores
-            stay available as ``snp``.
+            masks, :mod:`vitprune.passes.snp.sensitivity`). Default ``activation``; SNP's
+            weight-only scores stay available as ``snp`` (why this default: docs/decisions.md,
+            "SNP: criterion").
         allocation: how many neurons each block keeps when ``ratio``/``target_gmacs`` set the
             budget: ``uniform`` (the same ratio in every block, scaled by ``mix``) or ``fisher``
             (global knapsack over all blocks by Fisher information per MAC saved, Kwon et al.
             2022 §4.1; label-free, the loss is the cross-entropy to the original model's
-            predictions on the calibration images). Ignored by ``preset`` and per-layer lists.
-            Default ``uniform``: with the least-squares recovery it scores higher top-1 on the
-            64 calibration images of DeiT-T (-10 % GMACs: 78.1 vs 75.0 %, -20 %: 75.0 vs
-            73.4 %); ``fisher`` wins without recovery (-20 %: 75.0 vs 57.8 %), because the
-            Fisher costs ignore what the refit can repair (benchmarks/snp_accuracy.py).
-            ``recovery``: the Fisher allocation with each block's costs scaled by the fraction of
-            its reconstruction error the least-squares refit leaves (cross-validated over the
-            calibration images, measured by a dry run at the uniform widths;
-            :func:`vitprune.passes.snp.allocation.recovery_weighted`).
+            predictions on the calibration images) or ``recovery`` (the Fisher allocation with
+            each block's costs scaled by the fraction of its reconstruction error the
+            least-squares refit leaves, cross-validated over the calibration images, measured by
+            a dry run at the uniform widths; :func:`vitprune.passes.snp.allocation.recovery_weighted`).
+            Ignored by ``preset`` and per-layer lists. Default ``uniform`` (why this default:
+            docs/decisions.md, "SNP: allocation").
         blend: for ``fisher``/``recovery`` allocations, shrink the per-block kept fractions towards
             the uniform ones, ``k = k_alloc^blend * k_uniform^(1 - blend)``, rescaled to the same
             MAC budget (:func:`vitprune.passes.snp.allocation.blend_plans`); 1 = no shrinkage.
@@ -118,17 +114,11 @@ class SNP(RecoveryOptions, Pass):
         calib: image folder for calibration (else ``compile(calibration=...)``).
         calib_images: number of calibration images (default 64).
         round_to: round kept widths (per head for q-k and v, per layer for fc1 and the residual
-            stream) to multiples of this. ALGORITHMS.md §2g pitfall 6: odd widths waste GEMM and
-            attention-kernel tiles. Measured here (benchmarks/snp_throughput.py, DeiT-S, batch 32,
-            1 thread, AMD EPYC): ``snp-deit-s`` with the released widths (residual 307, q-k 25
-            per head) 1.32x the unpruned throughput, rounded to multiples of 8 (default) 1.86x;
-            per-head multiples of 4 (layer widths still multiples of 8) only 1.63x. Default (None): 8 for
-            ``preset``, 1 otherwise. Preset widths are rounded by error diffusion along the blocks
-            (:func:`round_widths`), which keeps the width sums and the GMACs close to the released
-            ones (``deit-s`` 2.017 vs 2.037 GMACs, mostly the residual 307 -> 304; ``deit-t``
-            0.636 vs 0.638); ``round_to=1`` gives the released widths exactly. ``ratio`` and
-            ``target_gmacs`` keep 1 by default: rounding a uniform ratio's widths moves every
-            block's budget the same way.
+            stream) to multiples of this, >= 1. ALGORITHMS.md §2g pitfall 6: odd widths waste GEMM
+            and attention-kernel tiles. Default (None): 8 for ``preset``, 1 otherwise. Preset
+            widths are rounded by error diffusion along the blocks (:func:`round_widths`), which
+            keeps the width sums and the GMACs close to the released ones; ``round_to=1`` gives
+            the released widths exactly (why this default: docs/decisions.md, "SNP: round_to").
         ridge: relative ridge strength of the refit; None: chosen per layer from
             ``1e-3 .. 1e3`` by two-fold cross-validation over the calibration images
             (:func:`vitprune.passes.snp.lstsq.cv_ridge`).
@@ -139,13 +129,9 @@ class SNP(RecoveryOptions, Pass):
             :func:`vitprune.calibration.augment_views`): ``none``, ``flip`` (horizontal mirror,
             2 views), ``crops`` (the four corner crops of side 0.875, resized back: the eval
             transform's geometry at a smaller crop fraction; 5 views) or ``flip+crops`` (10
-            views). Cost and the memory of the calibration tensor grow with the number of views
-            (DeiT-T, 64 images, 1 thread: 28 s without, 202 s with ``flip+crops``); the statistics
-            themselves are accumulated (bounded). Default ``flip+crops``: the least-squares refit
-            over-fits 64 images, and more views of the same images regularise it; on DeiT-T at
-            -20 % GMACs it had the lowest two-fold cross-validated KL on the calibration images
-            (mean of two splits 0.181 vs 0.194 for ``none``, top-1 75.8 vs 74.2 %, agreement 87.5
-            vs 83.6 %; docs/snp_levers_20pct.md).
+            views). Cost and the memory of the calibration tensor grow with the number of views;
+            the statistics themselves are accumulated (bounded). Default ``flip+crops`` (why this
+            default, and the cost: docs/decisions.md, "SNP: augment").
         shrink: the refit is shrunk towards ``zero`` (plain ridge) or the ``original`` weights of
             the kept inputs (a large ridge then means "no recovery").
         token_weight: per-token weights of the least-squares refit, which also weight the
@@ -158,20 +144,15 @@ class SNP(RecoveryOptions, Pass):
             block only the class token gets weight with a class-token head). Both act only with
             ``sequential`` and a residual add right after proj/fc2; ``fisher`` also needs a
             batch-first ``[B, N, D]`` residual stream, and an image whose gradients vanish gets
-            weight 1 on every token (else unweighted). Default ``fisher``: on DeiT-T at -20 %
-            GMACs (``augment=flip+crops``) it had the lowest two-fold cross-validated KL on the
-            calibration images (mean of the halves and interleaved splits, top-1 / agreement / KL:
-            ``fisher`` 76.6 / 87.5 / 0.168, ``none`` 75.8 / 87.5 / 0.181, ``ln`` 76.6 / 88.3 /
-            0.184); held-out (436 images) drop 6.9 pt at -20 % (``none``: 8.3) and 1.1 pt at
-            -10 % (``none``: 1.4). It fits the calibration images harder, and at larger
-            reductions that over-fits: at -30 % held-out drop 24.5 pt against 20.2 with ``none``
-            (calibration / held-out KL 0.103 / 1.004 against 0.204 / 0.891); pass
-            ``token_weight=none`` beyond -20 %. Calibration 245 s vs 202 s (DeiT-T, 64 images,
-            1 thread; docs/snp_levers_20pct.md).
+            weight 1 on every token (else unweighted). Default ``fisher``; pass
+            ``token_weight=none`` beyond -20 % GMACs, where ``fisher`` over-fits the calibration
+            images (why this default: docs/decisions.md, "SNP: token_weight").
 
     Raises:
         InvalidPassConfigError: ratio outside [0, 1), a ratio leaving 0 neurons in a head,
-            unknown criterion/preset, a preset for another architecture, no calibration data.
+            unknown criterion/preset, a preset for another architecture, no calibration data,
+            ``target_gmacs`` <= 0, ``round_to`` < 1, ``mix`` not 3 non-negative weights,
+            ``blend`` outside [0, 1], more than one of ``preset``/``ratio``/``target_gmacs``.
         UnsupportedModelError: attention without separable q/k/v.
     """
 
@@ -356,8 +337,8 @@ class SNP(RecoveryOptions, Pass):
 
     def _run(self, gm: GraphModule, ctx: PassContext, progress: Detail) -> GraphModule:
         if self.compensate and any(tag["kind"] == "tome" for _, tag in token_select_outputs(gm)):
-            # measured on DeiT-T (docs/decisions.md ("SNP")): tome:r=6 then snp:ratio=0.15 agrees with the
-            # unpruned model on 95 % of held-out images without the refit and on 10 % with it
+            # the refit after ToMe ruins held-out agreement; measured: docs/decisions.md, "SNP after a
+            # token pass (composition bug)"
             raise InvalidPassConfigError(
                 "snp: the least-squares recovery after tome is not supported (it ruins held-out accuracy); "
                 "put snp before tome, or pass compensate=false")
