@@ -26,7 +26,7 @@ from .passes.base import Pass, PassContext, parse_pass_spec
 #: or the CLI's ``--calib``.
 PIPELINES: dict[str, list[str]] = {
     # README's fastest SNP + token recipe on DeiT-S: SNP's released widths (rounded to multiples
-    # of 8), then Zero-TPrune at -30 % of the SNP model's GMACs (docs/decisions.md, "deit-s-fast").
+    # of 8), then Zero-TPrune at -30 % of the SNP model's GMACs (measured: docs/results.md, "SNP speed").
     "deit-s-fast": ["snp:preset=deit-s", "zero-tprune:target_gmacs=1.41"],
 }
 
