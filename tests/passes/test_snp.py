@@ -133,6 +133,16 @@ def test_target_gmacs_reached():
     assert 0.75 * base <= c.report.gmacs_after <= 0.8 * base * 1.001
 
 
+@pytest.mark.parametrize("frac, match", [(1.5, "not below the model's"), (0.01, "out of reach: .* leaves")])
+def test_target_gmacs_out_of_reach_is_refused(frac, match):
+    """Above the model's GMACs SNP used to do nothing, below its floor return a larger model: both silently."""
+    m = tiny(depth=1)
+    base = gmacs(capture(m, X))
+    with pytest.raises(InvalidPassConfigError, match=match):
+        vitprune.compile(m, [SNP(target_gmacs=frac * base, compensate=False)], example_inputs=X, calibration=CAL,
+                         progress=False)
+
+
 def test_recovery_reduces_block_output_error_on_calibration():
     m = tiny(depth=2)
     errs = {}

@@ -247,6 +247,26 @@ class SNP(RecoveryOptions, Pass):
             return self._bisect_plans(sites, rest_gmacs)
         return self._ratio_plans(sites, self.ratio or 0.0)
 
+    def _check_reachable(self, sites, rest_gmacs: float, total_gmacs: float) -> None:
+        """Refuse a ``target_gmacs`` that the uniform ratio cannot reach on this graph, instead of a
+        silently unpruned or over-budget model.
+
+        Raises:
+            InvalidPassConfigError: the target is not below the graph's GMACs, or below what removing
+                the most the bisection allows (ratio 0.99 in every block) leaves.
+        """
+        t = self.target_gmacs
+        if t >= total_gmacs:
+            raise InvalidPassConfigError(
+                f"snp: target_gmacs={t:g} is not below the model's {total_gmacs:.3f} GMACs, so there is nothing "
+                f"to prune; give a smaller target")
+        floor = rest_gmacs + sum(_plan_macs(s, p) for s, p in zip(sites, self._ratio_plans(sites, 0.99))) / 1e9
+        if t < floor * (1 - 1e-6):
+            raise InvalidPassConfigError(
+                f"snp: target_gmacs={t:g} is out of reach: removing 99 % of the q-k pairs, value and MLP "
+                f"neurons of every block leaves {floor:.3f} GMACs ({rest_gmacs:.3f} of them outside the "
+                f"attention and MLP layers SNP prunes); give at least {floor:.3f}")
+
     def _bisect_plans(self, sites, rest_gmacs) -> list[BlockPlan]:
         def g(ratio: float) -> float:
             return rest_gmacs + sum(_plan_macs(s, p) for s, p in zip(sites, self._ratio_plans(sites, ratio))) / 1e9
@@ -350,6 +370,7 @@ class SNP(RecoveryOptions, Pass):
             total = gmacs(gm, tuple(ctx.example_inputs[0].shape[1:]))
             rest = total - sum(_plan_macs(s, BlockPlan(s.num_heads, s.head_dim, value_head_dim(s),
                                                        s.fc1.out_features if s.fc1 else 0)) for s in sites) / 1e9
+            self._check_reachable(sites, rest, total)
         calib, views = self.augmented_calibration(ctx, self.name)
         batches = -(-int(calib.shape[0]) // (self.batch_size * views))
         dry = self.allocation == "recovery" and self.needs_fisher() and self.uses_fisher_allocation()
