@@ -2,6 +2,7 @@
 
 import itertools
 
+import pytest
 import torch
 
 from vitprune.passes.snp.lstsq import LinearStats, reconstruction_error, refit
@@ -12,11 +13,12 @@ def _cos_f(a, b):
     return float((a * b).sum() / (a.norm() * b.norm()))
 
 
-def test_pair_score_equals_bruteforce_frobenius_cosine():
+@pytest.mark.parametrize("N, d", [(9, 5), (4, 5)])   # (4, 5): fewer tokens than dims, the QR fallback
+def test_pair_score_equals_bruteforce_frobenius_cosine(N, d):
     torch.manual_seed(0)
-    B, H, N, d = 2, 2, 9, 5
+    B, H = 2, 2
     q, k = torch.randn(B, H, N, d, dtype=torch.float64), torch.randn(B, H, N, d, dtype=torch.float64)
-    for gamma in (1, 3, d):
+    for gamma in (1, 3, min(N, d)):
         got = qk_pair_scores(q, k, gamma=gamma)
         for b, h in itertools.product(range(B), range(H)):
             s = q[b, h] @ k[b, h].T  # N x N logits

@@ -151,7 +151,8 @@ class SNP(RecoveryOptions, Pass):
     Raises:
         InvalidPassConfigError: ratio outside [0, 1), a ratio leaving 0 neurons in a head,
             unknown criterion/preset, a preset for another architecture, no calibration data,
-            ``target_gmacs`` <= 0, ``round_to`` < 1, ``mix`` not 3 non-negative weights,
+            ``target_gmacs`` <= 0, not below the model's GMACs or below what SNP can reach
+            (``_check_reachable``), ``round_to`` < 1, ``mix`` not 3 non-negative weights,
             ``blend`` outside [0, 1], more than one of ``preset``/``ratio``/``target_gmacs``.
         UnsupportedModelError: attention without separable q/k/v.
     """
