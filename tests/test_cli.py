@@ -17,6 +17,7 @@ def test_info(capsys):
     assert "12 attention sites" in out and "| 11 | blocks.11 | fused | sdpa | 3 | 64 | 197 | 1 | 192 | 768 |" in out
 
 
+@pytest.mark.slow
 def test_eval_real_subset(tmp_path, capsys):
     if not (os.path.isfile(DEIT_T_WEIGHTS) and os.path.isdir(IMAGENET_SAMPLE)):
         pytest.skip("real weights/images not available")

@@ -97,6 +97,7 @@ def test_unknown_key_lists_the_keys_there(tracker, x86_pair):
         devices.remote(tracker, "rpi9")
 
 
+@pytest.mark.slow
 def test_list_shows_both_servers(tracker, x86_pair, capsys):
     from vitprune.cli import main
 
@@ -106,6 +107,7 @@ def test_list_shows_both_servers(tracker, x86_pair, capsys):
     assert [c.strip() for c in row.strip("|").split("|")][1:4] == ["2", "2", "0"]
 
 
+@pytest.mark.slow
 def test_no_free_device_waits_then_fails(x86_pair):
     held = [x86_pair.connect(), x86_pair.connect()]  # both devices busy
     short = devices.Device(x86_pair.tracker, x86_pair.key, timeout=1.5)
@@ -116,6 +118,7 @@ def test_no_free_device_waits_then_fails(x86_pair):
     del held
 
 
+@pytest.mark.slow
 def test_remote_run_matches_eager_and_local(x86_pair):
     vit = tiny_vit()
     remote = vitprune.compile(vit, passes=["explicit-attention"], backend="tvm", example_inputs=X1,
@@ -130,6 +133,7 @@ def test_remote_run_matches_eager_and_local(x86_pair):
     assert t["repeats"] == 3 and 0 < t["min_ms"] <= t["median_ms"]
 
 
+@pytest.mark.slow
 def test_incompatible_device_names_both(x86_pair):
     import tvm
 
@@ -138,6 +142,7 @@ def test_incompatible_device_names_both(x86_pair):
 
 
 @needs_cross
+@pytest.mark.slow
 def test_arm_library_refused_by_an_x86_device(x86_pair):
     with pytest.raises(BackendError, match=r"is x86_64 .*built for target 'arm'"):
         TvmBackend().lower(tiny_vit_graph(), (X1,), target="arm", device=x86_pair, progress=False)

@@ -120,6 +120,7 @@ def test_preset_tables_analytic_gmacs(name):
     assert abs(g - p["gmacs"]) / p["gmacs"] < 0.02
 
 
+@pytest.mark.slow
 def test_preset_for_other_architecture_rejected():
     with pytest.raises(InvalidPassConfigError, match="deit-b.*embed_dim=192"):
         vitprune.compile(tiny(depth=12), ["snp:preset=deit-b"], example_inputs=X, calibration=CAL, progress=False)
@@ -157,6 +158,7 @@ def test_recovery_reduces_block_output_error_on_calibration():
     assert errs[True] < errs[False]
 
 
+@pytest.mark.slow
 def test_hugging_face_separate_qkv_and_head_prune_compose():
     from transformers import ViTConfig, ViTForImageClassification
 
@@ -213,6 +215,7 @@ def test_explicit_attention_and_fewer_tokens_later():
     assert pruned(X).shape == (2, 10) and find_attention_sites(pruned)[1].num_tokens == 100
 
 
+@pytest.mark.slow
 def test_onnx_export_parity(tmp_path):
     pytest.importorskip("onnxruntime")
     c = vitprune.compile(tiny(depth=2), ["snp:ratio=0.3,embed=0.25"], example_inputs=X, calibration=CAL,

@@ -76,6 +76,7 @@ def test_allocation_round_to_and_impossible_budget():
 
 
 @pytest.mark.parametrize("criterion", ["activation", "fisher"])
+@pytest.mark.slow
 def test_fisher_allocation_meets_gmacs_target_with_flop_counter(criterion):
     from vitprune.ir.flops import gmacs
 
@@ -91,6 +92,7 @@ def test_fisher_allocation_meets_gmacs_target_with_flop_counter(criterion):
         assert torch.isfinite(c(X)).all()
 
 
+@pytest.mark.slow
 def test_fisher_allocation_ratio_spends_uniform_budget_and_ratio_zero_is_identity():
     m = tiny()
     u = vitprune.compile(m, ["snp:ratio=0.3,allocation=uniform"], example_inputs=X, calibration=CAL, progress=False)
@@ -148,6 +150,7 @@ def test_blend_endpoints_and_budget():
 
 @pytest.mark.parametrize("spec", ["allocation=recovery", "allocation=fisher,blend=0.5",
                                   "allocation=recovery,blend=0.5"])
+@pytest.mark.slow
 def test_recovery_and_blend_allocation_meet_gmacs_target_with_flop_counter(spec):
     from vitprune.ir.flops import gmacs
 

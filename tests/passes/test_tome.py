@@ -205,6 +205,7 @@ def analytic_tome_macs(depth, n, p, d, heads, mlp, sched, img_tokens, num_classe
     return total / 1e9
 
 
+@pytest.mark.slow
 def test_gmacs_match_analytic_count_and_target():
     m = tiny_vit(depth=4, img=96)  # 36 patches + CLS
     x = torch.randn(2, 3, 96, 96)
@@ -217,6 +218,7 @@ def test_gmacs_match_analytic_count_and_target():
     assert abs(gmacs(c2.graph_module, (3, 96, 96)) - target) <= 0.01 * target
 
 
+@pytest.mark.slow
 def test_exports_to_onnx_and_matches_onnxruntime(tmp_path):
     pytest.importorskip("onnxruntime")
     m = tiny_vit(depth=3)
