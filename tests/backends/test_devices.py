@@ -297,6 +297,9 @@ def test_emulated_arm_tune_then_cache_hit(tracker, arm_device, cache_dir, tune_e
                                tune_ops=["matmul"])
     assert not first.tuning.cache_hit and first.tuning.trials >= 1
     assert tuning.read_meta(first.tuning.work_dir)["target"]["mtriple"] == "aarch64-linux-gnu"
+    del first   # a remote module holds its device's session: free the one device for the second module
+    gc.collect()
+    assert _wait_registered(tracker, "arm64-emulated", 1, 300), "the emulated device did not become free in 300 s"
     second = TvmBackend().lower(gm, (X1,), target="arm", tune=True, trials=1, device=arm_device, progress=False,
                                 tune_ops=["matmul"])
     assert second.tuning.cache_hit and second.tuning.trials == 0 and second.library_path
