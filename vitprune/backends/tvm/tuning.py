@@ -17,9 +17,9 @@ cache as it was.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
-import contextlib
 import json
 import logging
 import math

@@ -59,14 +59,15 @@ def qk_pair_scores(q: torch.Tensor, k: torch.Tensor, energy: float = 0.9, cap: i
 
 
 def triangular_factor(x: torch.Tensor) -> torch.Tensor:
-    """``R`` of the thin QR ``x = P R`` up to the signs of its rows, for ``x`` ``[..., N, d]`` float64
-    with ``N >= d``: ``R^T`` is the Cholesky factor of the Gram matrix ``x^T x`` (``R^T R = x^T x``),
-    about 10x faster than a batched QR here. The row signs do not change :func:`qk_pair_scores`
-    (each cosine enters as an absolute value and singular vectors are defined up to sign). Falls back
-    to ``torch.linalg.qr`` when a Gram matrix is not positive definite (rank-deficient ``x``).
+    """``R`` of the thin QR ``x = P R`` up to the signs of its rows, for ``x`` ``[..., N, d]`` float64:
+    ``R^T`` is the Cholesky factor of the Gram matrix ``x^T x`` (``R^T R = x^T x``), cheaper than a
+    batched QR (measured: docs/decisions.md, "Triangular factors by Cholesky"). The row signs do not
+    change :func:`qk_pair_scores` (each cosine enters as an absolute value and singular vectors are
+    defined up to sign). Falls back to ``torch.linalg.qr`` when a Gram matrix is not positive definite
+    (rank-deficient ``x``, e.g. ``N < d``).
 
     Returns:
-        ``[..., d, d]`` upper triangular.
+        ``[..., min(N, d), d]`` upper triangular (``[..., d, d]`` whenever the Cholesky succeeds).
     """
     chol, info = torch.linalg.cholesky_ex(x.transpose(-1, -2) @ x)
     if bool((info != 0).any()):
