@@ -74,6 +74,10 @@ def _check_ratio(name: str, value, allow_list: bool = True) -> None:
             raise InvalidPassConfigError(f"snp: {where}={r!r} is outside [0, 1) (fraction of neurons removed)")
 
 
+#: the largest uniform ratio ``target_gmacs`` bisects over (and so the least SNP can leave)
+MAX_RATIO = 0.99
+
+
 @register_pass("snp")
 @dataclass
 class SNP(RecoveryOptions, Pass):
@@ -254,25 +258,27 @@ class SNP(RecoveryOptions, Pass):
 
         Raises:
             InvalidPassConfigError: the target is not below the graph's GMACs, or below what removing
-                the most the bisection allows (ratio 0.99 in every block) leaves.
+                the most the bisection allows (ratio ``MAX_RATIO`` in every block) leaves.
         """
         t = self.target_gmacs
         if t >= total_gmacs:
             raise InvalidPassConfigError(
                 f"snp: target_gmacs={t:g} is not below the model's {total_gmacs:.3f} GMACs, so there is nothing "
                 f"to prune; give a smaller target")
-        floor = rest_gmacs + sum(_plan_macs(s, p) for s, p in zip(sites, self._ratio_plans(sites, 0.99))) / 1e9
+        floor = self._ratio_gmacs(sites, rest_gmacs, MAX_RATIO)
         if t < floor * (1 - 1e-6):
             raise InvalidPassConfigError(
-                f"snp: target_gmacs={t:g} is out of reach: removing 99 % of the q-k pairs, value and MLP "
+                f"snp: target_gmacs={t:g} is out of reach: removing {MAX_RATIO * 100:.0f} % of the q-k pairs, value and MLP "
                 f"neurons of every block leaves {floor:.3f} GMACs ({rest_gmacs:.3f} of them outside the "
                 f"attention and MLP layers SNP prunes); give at least {floor:.3f}")
 
-    def _bisect_plans(self, sites, rest_gmacs) -> list[BlockPlan]:
-        def g(ratio: float) -> float:
-            return rest_gmacs + sum(_plan_macs(s, p) for s, p in zip(sites, self._ratio_plans(sites, ratio))) / 1e9
+    def _ratio_gmacs(self, sites, rest_gmacs: float, ratio: float) -> float:
+        """GMACs of the model at the uniform ``ratio`` (the analytic block MACs plus ``rest_gmacs``)."""
+        return rest_gmacs + sum(_plan_macs(s, p) for s, p in zip(sites, self._ratio_plans(sites, ratio))) / 1e9
 
-        _, hi = bisect_budget(g, 0.0, 0.99, self.target_gmacs, iters=40, increasing=False)
+    def _bisect_plans(self, sites, rest_gmacs) -> list[BlockPlan]:
+        _, hi = bisect_budget(lambda r: self._ratio_gmacs(sites, rest_gmacs, r), 0.0, MAX_RATIO, self.target_gmacs,
+                              iters=40, increasing=False)
         return self._ratio_plans(sites, hi)
 
     def _embed_keep(self, sites):
