@@ -61,7 +61,8 @@ def kl(l_ref, l):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="deit_tiny_patch16_224")
-    ap.add_argument("--weights", default="../shared/models/deit_tiny_patch16_224.safetensors")
+    ap.add_argument("--weights", default="../shared/models/deit_tiny_patch16_224.safetensors",
+                    help="safetensors file, or 'random' (seeded random weights: for time and shape, e.g. DeiT-S/B; accuracy is meaningless)")
     ap.add_argument("--data", default="../shared/data/imagenet-sample")
     ap.add_argument("--calib-images", type=int, default=64)
     ap.add_argument("--reductions", type=float, nargs="+", default=[0.1, 0.2, 0.3])
@@ -96,7 +97,9 @@ def main():
     import vitprune
     from vitprune.models import load_model
 
-    model = load_model(args.model, args.weights).eval()
+    if args.weights == "random":
+        torch.manual_seed(0)
+    model = load_model(args.model, None if args.weights == "random" else args.weights).eval()
     x, y = load_folder(args.data, model, args.cache)
     nc = args.calib_images
     calib, ye = x[:nc], y[nc:]

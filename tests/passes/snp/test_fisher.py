@@ -139,3 +139,30 @@ def test_probe_gradients_match_finite_differences(setup):
 
     fd = (loss_with(eps) - loss_with(-eps)) / (2 * eps)
     torch.testing.assert_close(gr[:, tok, ch], fd, rtol=1e-4, atol=1e-7)
+
+
+def test_default_labels_are_the_models_own_top1(setup):
+    """Without labels, the pseudo-labels are the eager timm module's top-1 (the masked forward's own
+    logits are used), and the gradients are those of an explicit call with those labels."""
+    m, x, gm = setup
+    s = find_attention_sites(gm)[1]
+    nodes = {s.q: 2, s.fc2.node.args[0]: 1}
+    g, lab = mask_gradients(gm, x, nodes, probes=[s.attn_residual])
+    with torch.no_grad():
+        ref = m(x).argmax(-1)
+    assert torch.equal(lab, ref)
+    g_ref, _ = mask_gradients(gm, x, nodes, ref, probes=[s.attn_residual])
+    for n in g_ref:
+        torch.testing.assert_close(g[n], g_ref[n], rtol=0, atol=0)
+
+
+def test_token_weights_alone_equal_those_with_the_masks(setup):
+    """``structures=False`` (no masks: what SNP's default needs) gives the same per-token weights."""
+    _, x, gm = setup
+    sites = find_attention_sites(gm)
+    full = block_fisher_scores(gm, sites, x, batch_size=2)
+    alone = block_fisher_scores(gm, sites, x, batch_size=2, structures=False)
+    for f, a in zip(full, alone):
+        assert a.qk is None and a.v is None and a.head is None and a.fc1 is None
+        torch.testing.assert_close(a.attn_tokens, f.attn_tokens, rtol=1e-10, atol=0)
+        torch.testing.assert_close(a.mlp_tokens, f.mlp_tokens, rtol=1e-10, atol=0)

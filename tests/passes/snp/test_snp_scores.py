@@ -83,6 +83,26 @@ def test_refit_matches_lstsq_and_error_formula():
     assert reconstruction_error(st, keep, wf, bf) <= reconstruction_error(st, keep, w[:, keep], None)
 
 
+@pytest.mark.parametrize("m, weighted", [(7, True), (300, False), (300, True)])  # 300 > 2 blocks: blocked Gram
+def test_stats_equal_the_products_of_the_augmented_matrix(m, weighted):
+    """``A``, ``C`` and ``tt`` against ``[X, 1]^T [X, 1]`` formed explicitly (weights: rows scaled by
+    ``sqrt(w)``), over two batches of fp32 inputs."""
+    torch.manual_seed(4)
+    x, t = torch.randn(2, 150, m), torch.randn(2, 150, 5)
+    w = torch.rand(2, 150) if weighted else None
+    st = LinearStats.zeros(m, 5)
+    for i in range(2):
+        st.add(x[i], t[i], None if w is None else w[i])
+    xa = torch.cat([x.reshape(-1, m), torch.ones(300, 1)], 1).double()
+    tt = t.reshape(-1, 5).double()
+    if weighted:
+        sw = w.reshape(-1, 1).double().sqrt()
+        xa, tt = xa * sw, tt * sw
+    torch.testing.assert_close(st.A, xa.T @ xa, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(st.C, xa.T @ tt, rtol=1e-5, atol=1e-3)
+    assert st.count == 300 and abs(st.tt - float((tt ** 2).sum())) < 1e-3 * st.tt
+
+
 def test_greedy_lsq_single_removal_is_bruteforce_optimal():
     from vitprune.passes.snp.lstsq import greedy_lsq_select
 

@@ -13,8 +13,10 @@ pseudocode, extended with the zero-shot recovery of issue 4 item 5):
 3. the same for the MLP: choose fc1 neurons, refit ``fc2`` against
    ``mlp_residual_orig - attn_residual_pruned``.
 
-Only statistics are kept (``[M+1, M+1]`` Grams, ``[H, d]`` score sums): memory does not
-grow with the number of calibration images.
+Only statistics are kept (``[M+1, M+1]`` Grams, ``[H, d]`` score sums) beside the residual streams
+of the current block (per calibration row, one layer's activations), unless the caller hands in the
+original graph's activations of every block (``original``: the Fisher forward's, which SNP keeps when
+they fit in memory, instead of running the original graph a second time).
 """
 
 from __future__ import annotations
@@ -146,9 +148,11 @@ class _Stream:
     calibration batch, so both streams hold the same tokens row for row.
     """
 
-    def __init__(self, gm, work, calibration, batch_size, sequential):
+    def __init__(self, gm, work, calibration, batch_size, sequential, known=None):
         self.gm, self.work, self.sequential = gm, work, sequential
         self.batches = [calibration[i:i + batch_size] for i in range(0, calibration.shape[0], batch_size)]
+        n = calibration.shape[0]
+        self._rows = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]  # rows of each batch
         self.node_o = self.node_w = None
         self.h_o = [None] * len(self.batches)
         self.h_w = [None] * len(self.batches)
@@ -157,20 +161,26 @@ class _Stream:
         self.selected = [{} for _ in self.batches]  # per batch: node name -> the original's selection
         self._memo = [{} for _ in self.batches]  # per batch: original-graph values of the current block
         self._given_w = [{} for _ in self.batches]  # per batch: extra pruned-graph values still valid
+        # original-graph values over all calibration rows computed elsewhere (the Fisher forward);
+        # not with a token selection upstream, whose values would also be needed (can_take_original)
+        self.known = dict(known or {}) if not self._select else {}
 
     def _given(self, node, h, i):
         return {node: h[i]} if node is not None and h[i] is not None else {}
 
     def orig(self, i, nodes):
         memo = self._memo[i]
-        if all(n in memo for n in nodes):
+        a, b = self._rows[i]
+        memo.update({n: self.known[n][a:b] for n in nodes if n not in memo and n in self.known})
+        missing = [n for n in nodes if n not in memo]
+        if not missing:
             return {n: memo[n] for n in nodes}
-        last = max(self._pos[n] for n in nodes)
+        last = max(self._pos[n] for n in missing)
         sel = [n for n in self._select if n.name not in self.selected[i] and self._pos[n] < last]
-        out = node_values(self.gm, self.batches[i], list(nodes) + sel, self._given(self.node_o, self.h_o, i))
+        out = node_values(self.gm, self.batches[i], missing + sel, self._given(self.node_o, self.h_o, i))
         for n in sel:
             self.selected[i][n.name] = out[n]
-        return {n: out[n] for n in nodes}
+        return {n: memo[n] if n in memo else out[n] for n in nodes}
 
     def prefetch(self, nodes):
         """Compute the original graph's ``nodes`` (of the current block) once for every batch."""
@@ -191,6 +201,10 @@ class _Stream:
         self._given_w[i].update({n: out[n] for n in keep})
         return out
 
+    def give(self, i, node, value):
+        """``value`` of the pruned graph's ``node`` on batch ``i``, valid until the stream advances."""
+        self._given_w[i][node] = value
+
     def advance(self, node_o, node_w):
         """Move both streams to the inputs of the next block."""
         for i in range(len(self.batches)):
@@ -199,6 +213,12 @@ class _Stream:
             self.h_o[i], self.h_w[i] = ho, hw
             self._memo[i], self._given_w[i] = {}, {}
         self.node_o, self.node_w = node_o, node_w
+
+
+def can_take_original(gm: GraphModule) -> bool:
+    """True if :func:`prune_blocks` uses ``original`` values for ``gm``: no integer or boolean
+    values are computed in it (a token selection's, which the pruned graph would need as well)."""
+    return not any(_is_index(n) for n in gm.graph.nodes)
 
 
 def _is_index(node: Node) -> bool:
@@ -210,7 +230,8 @@ def _is_index(node: Node) -> bool:
 
 def prune_blocks(gm: GraphModule, calibration: torch.Tensor, plans: list[BlockPlan], opts: RecoveryOptions,
                  criterion: Criterion = "activation", views: int = 1, scores: Optional[list] = None,
-                 on_block: Optional[Callable[[int], None]] = None) -> tuple[GraphModule, list[dict]]:
+                 on_block: Optional[Callable[[int], None]] = None,
+                 original: Optional[dict] = None) -> tuple[GraphModule, list[dict]]:
     """Prune every block of a copy of ``gm`` to ``plans`` (one per attention site).
 
     Args:
@@ -225,6 +246,9 @@ def prune_blocks(gm: GraphModule, calibration: torch.Tensor, plans: list[BlockPl
         scores: per-block Fisher scores (:class:`vitprune.passes.snp.sensitivity.BlockScores`),
             needed by ``criterion="fisher"`` and used by ``token_weight="fisher"``.
         on_block: called with the block index after each block (progress).
+        original: ``{node of gm: [n * views, ...]}`` values of ``gm`` on ``calibration`` already
+            computed (e.g. by the Fisher forward: ``block_fisher_scores(activations=...)``), used
+            instead of running the original graph for those nodes; must come from the same rows.
 
     Returns:
         the pruned graph (cleaned, NOT re-exported: call ``finalize``) and per-block records with
@@ -234,7 +258,7 @@ def prune_blocks(gm: GraphModule, calibration: torch.Tensor, plans: list[BlockPl
     work = copy.deepcopy(gm)
     sites_o = find_attention_sites(gm)
     sites_w = find_attention_sites(work)
-    stream = _Stream(gm, work, calibration, recipe.batch_size, opts.sequential)
+    stream = _Stream(gm, work, calibration, recipe.batch_size, opts.sequential, original)
     records = []
     for li in range(len(plans)):
         so, sw, plan = sites_o[li], sites_w[li], plans[li]
@@ -393,10 +417,12 @@ def _prune_mlp_block(stream, so, sw, plan, recipe: _Recipe) -> dict:
     work = stream.work
     m = sw.fc1.out_features
     folds = [LinearStats.zeros(m, sw.fc2.out_features) for _ in range(2)]
+    inputs = []
     for i in range(len(stream.batches)):
         x, t, vw, _ = _targets(stream, recipe, i, so, sw, so.fc2.node, sw.fc2.node, so.mlp_residual,
                                sw.mlp_residual, sw.fc2.node.args[0], so.fc2.node.args[0], keep_skip=True)
         folds[i % 2].add(x, t, _weight(stream, recipe, sw, i, "mlp_tokens", vw))
+        inputs.append(x if stream.sequential else None)
     stats = folds[0] + folds[1]
     w2 = sw.fc2.weight_tensor(work).detach()
     b2 = sw.fc2.bias_tensor(work)
@@ -406,4 +432,8 @@ def _prune_mlp_block(stream, so, sw, plan, recipe: _Recipe) -> dict:
         keep = top_indices(recipe.fc1_scores(stats, w2, work, sw), plan.mlp)
     w_new, b_new, rec = _recover(folds, keep, w2[:, keep], b2, recipe)
     prune_mlp(work, sw, keep, w_new, b_new)
+    if stream.sequential:  # fc1 lost rows only: its kept outputs are the pruned graph's new fc2 input
+        idx = torch.as_tensor(keep, dtype=torch.long)
+        for i, x in enumerate(inputs):
+            stream.give(i, sw.fc2.node.args[0], x.index_select(-1, idx))
     return {f"mlp_{k}": v for k, v in rec.items()}

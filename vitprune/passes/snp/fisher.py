@@ -38,7 +38,8 @@ def pseudo_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 
 def mask_gradients(gm: GraphModule, x: torch.Tensor, masked: Mapping[Node, int],
-                   labels: Optional[torch.Tensor] = None, probes: Sequence[Node] = ()) -> tuple[dict, torch.Tensor]:
+                   labels: Optional[torch.Tensor] = None, probes: Sequence[Node] = (),
+                   values: Optional[dict] = None) -> tuple[dict, torch.Tensor]:
     """Per-image gradients of the pseudo-label loss w.r.t. multiplicative masks of ones.
 
     Args:
@@ -50,8 +51,9 @@ def mask_gradients(gm: GraphModule, x: torch.Tensor, masked: Mapping[Node, int],
             linear inputs), so each image and each channel has its own mask variable; None: one
             mask ``[C]`` for the whole batch (flattened layouts; gradient returned as ``[1, C]``).
         labels: ``[B]`` class indices; default: the model's own top-1 prediction on ``x``.
-        probes: nodes whose output gradient ``dL / d out`` (full shape) is wanted too (a zero
-            tensor is added to their output).
+        probes: nodes whose output gradient ``dL / d out`` (full shape) is wanted too.
+        values: if given, filled with ``{probe: output}`` (the probes' forward values, detached:
+            the unpruned graph's activations, which a caller can reuse instead of a second forward).
 
     Returns:
         ``({node: g [B, ...mask shape without the token axis]}, labels [B])`` with
@@ -65,7 +67,7 @@ def mask_gradients(gm: GraphModule, x: torch.Tensor, masked: Mapping[Node, int],
         if n not in names:
             raise ValueError(f"mask_gradients: node {n} is not in the graph")
     masks: dict = {}
-    zeros: dict = {}
+    outs: dict = {}  # probe -> its output tensor in the autograd graph
     probe_set = set(probes)
 
     class _Masking(torch.fx.Interpreter):
@@ -83,20 +85,21 @@ def mask_gradients(gm: GraphModule, x: torch.Tensor, masked: Mapping[Node, int],
                 masks[n] = m
                 out = out * m
             if n in probe_set:
-                z = torch.zeros_like(out, requires_grad=True)
-                zeros[n] = z
-                out = out + z
+                if values is not None:
+                    values[n] = out.detach()
+                if not out.requires_grad:  # nothing upstream wants a gradient: a leaf of the same value
+                    out = out.detach().requires_grad_()
+                outs[n] = out  # autograd.grad of a non-leaf gives dL / d out over all its uses
             return out
 
-    if labels is None:
-        with torch.no_grad():
-            labels = gm(x).argmax(-1)
     with torch.enable_grad():
         logits = _Masking(gm).run(x)
+        if labels is None:  # masks of ones leave the logits bit-identical to gm(x)
+            labels = logits.detach().argmax(-1)
         loss = pseudo_label_loss(logits, labels)
         nodes = list(masks)
-        pnodes = list(zeros)
-        grads = torch.autograd.grad(loss, [masks[n] for n in nodes] + [zeros[n] for n in pnodes])
+        pnodes = list(outs)
+        grads = torch.autograd.grad(loss, [masks[n] for n in nodes] + [outs[n] for n in pnodes])
     out = {n: (g.detach().reshape(1, -1) if masked[n] is None else g.detach().squeeze(masked[n]))
            for n, g in zip(nodes, grads)}
     out.update({n: g.detach() for n, g in zip(pnodes, grads[len(nodes):])})

@@ -39,22 +39,32 @@ def qk_pair_scores(q: torch.Tensor, k: torch.Tensor, energy: float = 0.9, cap: i
     Returns:
         ``[B, H, d]`` float64: ``sum_{j<gamma} |cos(u_j, q_n)| * |cos(v_j, k_n)|``, where
         ``S = Q K^T = sum_j sigma_j u_j v_j^T`` (computed from the triangular factors of thin QRs
-        ``Q = P1 R1``, ``K = P2 R2`` and the SVD of ``R1 R2^T``; see :func:`triangular_factor`).
+        ``Q = P1 R1``, ``K = P2 R2`` (see :func:`triangular_factor`) and the singular pairs of the
+        small ``M = R1 R2^T``: ``u_j`` from the eigenvectors of ``M M^T``, ``v_j = M^T u_j / sigma_j``;
+        only the top ``cap`` (or ``gamma``) pairs are formed).
     """
-    q = q.double()
-    k = k.double()
+    # contiguous: per-head views of a fused qkv output are strided, and batched products on them run
+    # at half speed
+    q = q.to(torch.float64, memory_format=torch.contiguous_format)
+    k = k.to(torch.float64, memory_format=torch.contiguous_format)
     r1 = triangular_factor(q)  # [B,H,d,d]
     r2 = triangular_factor(k)
-    us, sig, vh = torch.linalg.svd(r1 @ r2.transpose(-1, -2))  # [B,H,d,d]
+    m = r1 @ r2.transpose(-1, -2)
+    lam, us = torch.linalg.eigh(m @ m.transpose(-1, -2))  # ascending; half the time of a batched SVD
+    sig = lam.flip(-1).clamp_min(0).sqrt()  # [B,H,r] descending singular values of M (and of S)
+    top = min(gamma if gamma is not None else cap, sig.shape[-1])
+    us = us.flip(-1)[..., :top]  # [B,H,r,j] left singular vectors
+    vs = m.transpose(-1, -2) @ us  # sigma_j v_j
+    vs = vs / vs.norm(dim=-2, keepdim=True).clamp_min(EPS)
     # cos(u_j, q_n) with u_j = P1 us[:, j] and q_n = P1 R1[:, n]  ->  us[:, j] . R1[:, n] / |R1[:, n]|
     cq = us.transpose(-1, -2) @ r1 / r1.norm(dim=-2, keepdim=True).clamp_min(EPS)  # [B,H,j,n]
-    ck = vh @ r2 / r2.norm(dim=-2, keepdim=True).clamp_min(EPS)
+    ck = vs.transpose(-1, -2) @ r2 / r2.norm(dim=-2, keepdim=True).clamp_min(EPS)
     prod = cq.abs() * ck.abs()  # [B,H,j,n]
     if gamma is not None:
-        g = torch.full(sig.shape[:-1], min(gamma, sig.shape[-1]), dtype=torch.long)
+        g = torch.full(sig.shape[:-1], top, dtype=torch.long)
     else:
         g = select_gamma(sig, energy, cap)
-    mask = torch.arange(sig.shape[-1]).view(1, 1, -1) < g.unsqueeze(-1)  # [B,H,j]
+    mask = torch.arange(top).view(1, 1, -1) < g.unsqueeze(-1)  # [B,H,j]
     return (prod * mask.unsqueeze(-1)).sum(-2)
 
 

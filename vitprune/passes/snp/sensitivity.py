@@ -31,14 +31,15 @@ from .surgery import value_head_dim
 class BlockScores:
     """Fisher information of the mask variables of one block (float64, higher = keep):
     ``qk`` ``[H, d]`` q-k pairs, ``v`` ``[H, d_v]`` value neurons, ``head`` ``[H]``,
-    ``fc1`` ``[M]`` MLP hidden neurons (None without an MLP). ``attn_tokens`` / ``mlp_tokens``
+    ``fc1`` ``[M]`` MLP hidden neurons (None without an MLP; all four None when only the token
+    weights were computed). ``attn_tokens`` / ``mlp_tokens``
     ``[n, N]``: per calibration image and token, ``||dL/dh||^2`` of the residual stream after the
     attention / the MLP, normalised to mean 1 per image (weights of a Fisher-weighted
     reconstruction, as BRECQ, Li et al. 2021, with one weight per token); None if not computed."""
 
-    qk: torch.Tensor
-    v: torch.Tensor
-    head: torch.Tensor
+    qk: Optional[torch.Tensor]
+    v: Optional[torch.Tensor]
+    head: Optional[torch.Tensor]
     fc1: Optional[torch.Tensor]
     attn_tokens: Optional[torch.Tensor] = None
     mlp_tokens: Optional[torch.Tensor] = None
@@ -46,12 +47,17 @@ class BlockScores:
 
 def block_fisher_scores(gm: GraphModule, sites: Sequence[AttentionSite], images: torch.Tensor,
                         batch_size: int = 16,
-                        on_batch: Optional[Callable[[], None]] = None) -> list[BlockScores]:
+                        on_batch: Optional[Callable[[], None]] = None, structures: bool = True,
+                        activations: Optional[dict] = None) -> list[BlockScores]:
     """Fisher scores of every block's structures on ``images`` ``[n, 3, H, W]`` (one forward
     and backward pass per batch; only ``[H, d]``-sized sums are kept). ``on_batch``: called after
-    each batch (the caller's progress)."""
+    each batch (the caller's progress). ``structures=False``: only the per-token weights
+    (``attn_tokens`` / ``mlp_tokens``), without the masks (the structure fields are None).
+    ``activations``: if given, filled with the unpruned graph's values at every block's
+    ``attn_residual`` and ``mlp_residual`` (``{node: [n, N, C]}`` over all ``images``), which the
+    forward computes anyway (:func:`vitprune.passes.snp.engine.prune_blocks` reuses them)."""
     masked = {}
-    for s in sites:
+    for s in sites if structures else ():
         masked[s.q] = _token_dim(s.q, s.num_tokens, default=2)
         masked[s.proj.node.args[0]] = _token_dim(s.proj.node.args[0], s.num_tokens)
         if s.fc2 is not None:
@@ -61,23 +67,30 @@ def block_fisher_scores(gm: GraphModule, sites: Sequence[AttentionSite], images:
               if n is not None and _token_dim(n, s.num_tokens) == 1]
     acc = [dict(qk=0.0, v=0.0, head=0.0, fc1=0.0, attn_tokens=[], mlp_tokens=[]) for _ in sites]
     for st in range(0, images.shape[0], batch_size):
-        g, _ = mask_gradients(gm, images[st:st + batch_size], masked, probes=probes)
+        vals = {} if activations is not None else None
+        g, _ = mask_gradients(gm, images[st:st + batch_size], masked, probes=probes, values=vals)
+        for n, v in (vals or {}).items():  # into one [n, N, C] buffer per node (a cat at the end costs more)
+            if n not in activations:
+                activations[n] = v.new_empty((images.shape[0], *v.shape[1:]))
+            activations[n][st:st + v.shape[0]] = v
         for a, s in zip(acc, sites):
-            H, dv = s.num_heads, value_head_dim(s)
-            gq = g[s.q]  # [B, H, d]
-            gv = g[s.proj.node.args[0]].reshape(-1, H, dv)  # [B, H, d_v]
-            a["qk"] = a["qk"] + fisher_from_gradients(gq)
-            a["v"] = a["v"] + fisher_from_gradients(gv)
-            a["head"] = a["head"] + fisher_from_gradients(gv.sum(-1))
-            if s.fc2 is not None:
-                a["fc1"] = a["fc1"] + fisher_from_gradients(g[s.fc2.node.args[0]])
+            if structures:
+                H, dv = s.num_heads, value_head_dim(s)
+                gv = g[s.proj.node.args[0]].reshape(-1, H, dv)  # [B, H, d_v]
+                a["qk"] = a["qk"] + fisher_from_gradients(g[s.q])  # [B, H, d]
+                a["v"] = a["v"] + fisher_from_gradients(gv)
+                a["head"] = a["head"] + fisher_from_gradients(gv.sum(-1))
+                if s.fc2 is not None:
+                    a["fc1"] = a["fc1"] + fisher_from_gradients(g[s.fc2.node.args[0]])
             if s.attn_residual in g:
                 a["attn_tokens"].append(_token_weights(g[s.attn_residual]))
             if s.mlp_residual is not None and s.mlp_residual in g:
                 a["mlp_tokens"].append(_token_weights(g[s.mlp_residual]))
         if on_batch is not None:
             on_batch()
-    return [BlockScores(qk=a["qk"], v=a["v"], head=a["head"], fc1=a["fc1"] if s.fc2 is not None else None,
+    return [BlockScores(qk=a["qk"] if structures else None, v=a["v"] if structures else None,
+                        head=a["head"] if structures else None,
+                        fc1=a["fc1"] if structures and s.fc2 is not None else None,
                         attn_tokens=torch.cat(a["attn_tokens"]) if a["attn_tokens"] else None,
                         mlp_tokens=torch.cat(a["mlp_tokens"]) if a["mlp_tokens"] else None)
             for a, s in zip(acc, sites)]

@@ -27,7 +27,7 @@ from ...ir.sites import AttentionSite
 from ...ir.tags import token_select_outputs
 from ...progress import Detail
 from ..base import Pass, PassContext, register_pass
-from .engine import BlockPlan, Criterion, prune_blocks
+from .engine import BlockPlan, Criterion, can_take_original, prune_blocks
 from .options import BLOCK_BATCH_COST, FISHER_BATCH_COST, RecoveryOptions, block_steps
 from .presets import PRESETS, preset_name
 from .surgery import finalize, value_head_dim
@@ -336,11 +336,14 @@ class SNP(RecoveryOptions, Pass):
         return self.uses_fisher_allocation() or self.criterion == "fisher" or self.token_weight == "fisher"
 
     def fisher_scores(self, gm: GraphModule, sites: list[AttentionSite], calib: torch.Tensor,
-                      ctx: Optional[PassContext] = None, progress: Optional[Detail] = None) -> Optional[list]:
+                      ctx: Optional[PassContext] = None, progress: Optional[Detail] = None,
+                      activations: Optional[dict] = None) -> Optional[list]:
         """Per-block Fisher scores on the calibration images when :meth:`needs_fisher`, else None;
         memoised in-process (:mod:`vitprune.passes.snp.cache`: the same model and views give the
         same scores whatever the budget). When computed, shown as the step ``fisher scores`` of
-        ``ctx``'s display, and ``progress`` (the pass's nested bar) advances per batch."""
+        ``ctx``'s display, and ``progress`` (the pass's nested bar) advances per batch.
+        ``activations``: if given and the scores are computed now (not memoised), filled with the
+        unpruned residual streams of that forward (:func:`block_fisher_scores`)."""
         if not self.needs_fisher():
             return None
         from .cache import fingerprint, memo
@@ -354,9 +357,12 @@ class SNP(RecoveryOptions, Pass):
             if progress is not None:
                 progress.plan(cost * -(-int(calib.shape[0]) // self.batch_size))
             tick = (lambda: progress.advance(cost)) if progress is not None else None  # noqa: E731
-            return block_fisher_scores(gm, sites, calib, self.batch_size, on_batch=tick)
+            return block_fisher_scores(gm, sites, calib, self.batch_size, on_batch=tick, structures=structures,
+                                       activations=activations)
 
-        return memo(fingerprint(gm, calib, "fisher", self.batch_size), compute)
+        # the token weights alone need no masks (a few % of the Fisher pass)
+        structures = self.uses_fisher_allocation() or self.criterion == "fisher"
+        return memo(fingerprint(gm, calib, "fisher", self.batch_size, structures), compute)
 
     def rewrite(self, gm: GraphModule, ctx: PassContext) -> GraphModule:
         with ctx.detail("snp") as progress:       # the runner records the pass's seconds
@@ -383,17 +389,22 @@ class SNP(RecoveryOptions, Pass):
         dry = self.allocation == "recovery" and self.needs_fisher() and self.uses_fisher_allocation()
         units = batches * BLOCK_BATCH_COST
         progress.plan(len(sites) * units * (1 + dry))
-        scores = self.fisher_scores(gm, sites, calib, ctx, progress)
+        # the Fisher forward's unpruned activations spare the pruning its own forward of the
+        # original graph, when they fit (docs/decisions.md, "Exact cuts, session 11")
+        acts = {} if can_take_original(gm) and _activations_fit(sites, int(calib.shape[0])) else None
+        scores = self.fisher_scores(gm, sites, calib, ctx, progress, activations=acts)
         if dry and scores is not None:
             from .allocation import recovery_weighted
 
             # dry run at the uniform widths: how much of each block's error the refit removes
             _, probe = prune_blocks(gm, calib, self.uniform_plans(sites, rest), self, self.criterion, views,
-                                    on_block=block_steps(ctx, progress, len(sites), units, "dry run: block"))
+                                    on_block=block_steps(ctx, progress, len(sites), units, "dry run: block"),
+                                    original=acts)
             scores = recovery_weighted(scores, probe)
         plans, embed_keep = self.plans(sites, rest, scores)
         work, records = prune_blocks(gm, calib, plans, self, self.criterion, views, scores,
-                                     on_block=block_steps(ctx, progress, len(sites), units))
+                                     on_block=block_steps(ctx, progress, len(sites), units), original=acts)
+        acts = None
         out = finalize(work, ctx.example_inputs)
         embed_info = None
         if embed_keep is not None and embed_keep != sites[0].embed_dim:
@@ -404,6 +415,30 @@ class SNP(RecoveryOptions, Pass):
         ctx.record(blocks=records, embed=embed_info, calibration_images=int(calib.shape[0]) // views,
                    calibration_views=views)
         return out
+
+
+#: the Fisher forward's activations are kept for the pruning when they take at most this share of
+#: the memory available (MemAvailable); docs/decisions.md, "Exact cuts, session 11"
+ACTIVATION_MEMORY_SHARE = 0.25
+
+
+def _activations_fit(sites: list[AttentionSite], rows: int) -> bool:
+    """True if two fp32 residual streams ``[rows, N, C]`` per block fit in
+    ``ACTIVATION_MEMORY_SHARE`` of the available memory (unknown: False)."""
+    need = sum(2 * rows * s.num_tokens * s.embed_dim * 4 for s in sites)
+    return need <= ACTIVATION_MEMORY_SHARE * available_memory()
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``; 0 if unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _plan_macs(s: AttentionSite, p: BlockPlan) -> float:
