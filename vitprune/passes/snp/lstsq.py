@@ -70,7 +70,7 @@ class LinearStats:
 def symmetric_gram(x: torch.Tensor, block: int = 128) -> torch.Tensor:
     """``x^T x`` ``[M, M]`` (float64) of ``x`` ``[n, M]``, computed by column blocks of ``block`` on and
     above the diagonal only and mirrored (the work of a symmetric rank-k update, which torch lacks:
-    about 0.6 of a full product for M = 768)."""
+    21 of the 36 ``128 x 128`` blocks of a full product for M = 768)."""
     m = x.shape[1]
     if m <= 2 * block:
         return (x.T @ x).double()

@@ -360,7 +360,7 @@ class SNP(RecoveryOptions, Pass):
             return block_fisher_scores(gm, sites, calib, self.batch_size, on_batch=tick, structures=structures,
                                        activations=activations)
 
-        # the token weights alone need no masks (a few % of the Fisher pass)
+        # the token weights alone need no masks (nor their products and gradients)
         structures = self.uses_fisher_allocation() or self.criterion == "fisher"
         return memo(fingerprint(gm, calib, "fisher", self.batch_size, structures), compute)
 
@@ -404,7 +404,7 @@ class SNP(RecoveryOptions, Pass):
         plans, embed_keep = self.plans(sites, rest, scores)
         work, records = prune_blocks(gm, calib, plans, self, self.criterion, views, scores,
                                      on_block=block_steps(ctx, progress, len(sites), units), original=acts)
-        acts = None
+        acts = None  # free the activations before the re-export
         out = finalize(work, ctx.example_inputs)
         embed_info = None
         if embed_keep is not None and embed_keep != sites[0].embed_dim:
