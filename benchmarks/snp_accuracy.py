@@ -139,6 +139,8 @@ def main():
                    agree_heldout=float((p[nc:] == p_all[nc:]).float().mean()),
                    agree_calib=float((p[:nc] == p_all[:nc]).float().mean()),
                    kl_calib=kl(l_all[:nc], lc[:nc]), kl_heldout=kl(l_all[nc:], lc[nc:]), seconds=secs, spec=spec)
+        if "split" in c.report.passes[-1]:  # snp-tokens: the split it ran (chosen by split=none)
+            row["split"] = c.report.passes[-1]["split"]
         if args.cv:
             row.update(cross_validate(model, spec, example, calib, l_all[:nc], y[:nc], args.cv_split))
         rows.append(row)
@@ -196,7 +198,7 @@ def report(rows, png, model_name, nc, total, seconds=False):
         print(f"| {100 * r['reduction']:.0f} % | {r.get('allocation', 'uniform')} | {r['criterion']} | "
               f"{r['compensate']} | {r['gmacs']:.3f} | {100 * r['top1_heldout']:.1f} | {drop:.1f} | "
               f"{100 * r['top1_all']:.1f} | {100 * r['agree_heldout']:.1f} | {calib} | {_kl(r)} | {_cv(r)} | "
-              f"{_options(r.get('spec', ''))} |" + (f" {r.get('seconds', 0.0):.1f} |" if seconds else ""))
+              f"{_options(r.get('spec', ''))}{_split(r)} |" + (f" {r.get('seconds', 0.0):.1f} |" if seconds else ""))
     if png:
         import matplotlib
 
@@ -231,6 +233,11 @@ def _kl(r) -> str:
 
 def _cv(r) -> str:
     return f"{100 * r['top1_cv']:.1f} / {100 * r['agree_cv']:.1f} / {r['kl_cv']:.3f}" if "kl_cv" in r else "-"
+
+
+def _split(r) -> str:
+    """`` (split chosen: S)`` for a ``split=none`` composition row, else empty."""
+    return f" (split chosen: {r['split']})" if "split" in r and "split=none" in r.get("spec", "") else ""
 
 
 def _options(spec: str) -> str:
