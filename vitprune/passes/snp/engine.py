@@ -151,8 +151,6 @@ class _Stream:
     def __init__(self, gm, work, calibration, batch_size, sequential, known=None):
         self.gm, self.work, self.sequential = gm, work, sequential
         self.batches = [calibration[i:i + batch_size] for i in range(0, calibration.shape[0], batch_size)]
-        n = calibration.shape[0]
-        self._rows = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]  # rows of each batch
         self.node_o = self.node_w = None
         self.h_o = [None] * len(self.batches)
         self.h_w = [None] * len(self.batches)
@@ -165,13 +163,17 @@ class _Stream:
         # not with a token selection upstream, whose values would also be needed (can_take_original)
         self.known = dict(known or {}) if not self._select else {}
 
+    def rows(self, i) -> slice:
+        """The calibration rows of batch ``i`` (batches are consecutive, all but the last full)."""
+        start = i * self.batches[0].shape[0]
+        return slice(start, start + self.batches[i].shape[0])
+
     def _given(self, node, h, i):
         return {node: h[i]} if node is not None and h[i] is not None else {}
 
     def orig(self, i, nodes):
         memo = self._memo[i]
-        a, b = self._rows[i]
-        memo.update({n: self.known[n][a:b] for n in nodes if n not in memo and n in self.known})
+        memo.update({n: self.known[n][self.rows(i)] for n in nodes if n not in memo and n in self.known})
         missing = [n for n in nodes if n not in memo]
         if not missing:
             return {n: memo[n] for n in nodes}
@@ -385,8 +387,7 @@ def _weight(stream, recipe, sw, i, key, vw):
     if recipe.fisher_weight:
         w = getattr(recipe.scores[sw.block_index], key)
         if w is not None:
-            bs = stream.batches[0].shape[0]
-            return w[i * bs: i * bs + stream.batches[i].shape[0]]
+            return w[stream.rows(i)]
     return vw.get("_weight")
 
 
@@ -422,7 +423,8 @@ def _prune_mlp_block(stream, so, sw, plan, recipe: _Recipe) -> dict:
         x, t, vw, _ = _targets(stream, recipe, i, so, sw, so.fc2.node, sw.fc2.node, so.mlp_residual,
                                sw.mlp_residual, sw.fc2.node.args[0], so.fc2.node.args[0], keep_skip=True)
         folds[i % 2].add(x, t, _weight(stream, recipe, sw, i, "mlp_tokens", vw))
-        inputs.append(x if stream.sequential else None)
+        if stream.sequential:
+            inputs.append(x)
     stats = folds[0] + folds[1]
     w2 = sw.fc2.weight_tensor(work).detach()
     b2 = sw.fc2.bias_tensor(work)
