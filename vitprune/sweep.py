@@ -550,7 +550,8 @@ def sweep(model_name: str, data: str, out: str, weights: Optional[str] = None, c
     if backend == "tvm":
         options["target"] = target or "cpu"
     elif backend == "onnx":
-        options["threads"] = threads or torch.get_num_threads()
+        # the two models take turns on the same cores: idle threads must sleep, not spin (docs/decisions.md)
+        options.update(threads=threads or torch.get_num_threads(), spin=False)
     elif target:
         raise SweepError(f"--target applies to --backend tvm only, got --backend {backend}")
     if tracker or device_key:
@@ -580,7 +581,7 @@ def sweep(model_name: str, data: str, out: str, weights: Optional[str] = None, c
              "data": f"{os.path.abspath(data)} held-out {fingerprint_files(split.heldout)} "
                      f"calibration {fingerprint_files(split.calibration)}",
              "backend": f"{backend} target={options.get('target')} batch={batch_size} "
-                        f"threads={options.get('threads', threads)} device={tracker or 'local'}:{device_key or ''}",
+                        f"threads={options.get('threads', threads)}{' spin=off' if options.get('spin') is False else ''} device={tracker or 'local'}:{device_key or ''}",
              "space": f"methods={','.join(methods)} fracs={json.dumps({m: TOKEN_FRACS[m] for m in methods})} "
                       f"snp={json.dumps(SNP_FIXED)}"}
     os.makedirs(out, exist_ok=True)

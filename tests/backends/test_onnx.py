@@ -86,3 +86,19 @@ def test_corrupt_onnx(tmp_path, content):
 def test_unknown_option(vit):
     with pytest.raises(BackendError, match="unknown option"):
         OnnxBackend().lower(None, (torch.randn(1, 3, 32, 32),), target="cuda")
+
+
+def test_spin_option_reaches_the_session(vit):
+    """``spin=False`` turns off onnxruntime's spin-waiting of idle intra-op threads (what the sweep times
+    with); the default leaves onnxruntime's own default (no entry); a non-bool is refused in one line."""
+    x = torch.randn(1, 3, 32, 32)
+    quiet = vitprune.compile(vit, backend="onnx", example_inputs=x, progress=False, threads=2, spin=False)
+    default = vitprune.compile(vit, backend="onnx", example_inputs=x, progress=False, threads=2)
+    key = "session.intra_op.allow_spinning"
+    assert quiet.lowered.session.get_session_options().get_session_config_entry(key) == "0"
+    with pytest.raises(Exception, match="does not have configuration"):      # onnxruntime's default kept
+        default.lowered.session.get_session_options().get_session_config_entry(key)
+    with torch.no_grad():
+        assert (quiet(x) - vit(x)).abs().max().item() < 1e-4
+    with pytest.raises(BackendError, match="spin must be true or false"):
+        OnnxBackend().lower(None, (x,), spin="no")

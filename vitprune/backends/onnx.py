@@ -69,13 +69,15 @@ def to_onnx_model(gm: GraphModule, example_inputs: tuple, dynamic_batch: bool = 
     return model
 
 
-def _session(model_bytes: bytes, threads: int):
+def _session(model_bytes: bytes, threads: int, spin: bool = True):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = int(threads)
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    if not spin:                         # idle intra-op threads sleep instead of spinning (docs/decisions.md)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model_bytes, sess_options=so, providers=["CPUExecutionProvider"])
 
 
@@ -99,12 +101,13 @@ class _OrtRunner:
 
 
 class OnnxModule(_OrtRunner):
-    """A graph lowered to ONNX and run by onnxruntime on CPU with ``threads`` intra-op threads."""
+    """A graph lowered to ONNX and run by onnxruntime on CPU with ``threads`` intra-op threads
+    (``spin``: whether idle ones spin-wait, see :class:`OnnxBackend`)."""
 
-    def __init__(self, model, threads: int):
+    def __init__(self, model, threads: int, spin: bool = True):
         self.model = model
         self.threads = threads
-        self.session = _session(model.SerializeToString(), threads)
+        self.session = _session(model.SerializeToString(), threads, spin)
 
     def export(self, path: str, manifest: dict) -> str:
         """Write ``path`` (``.onnx``) with ``manifest`` in ``metadata_props`` (with the SHA-256 of the
@@ -165,15 +168,21 @@ class LoadedOnnx(_OrtRunner):
 
 class OnnxBackend:
     """``backend="onnx"``: options ``threads`` (default: torch's thread count),
-    ``dynamic_batch`` (default True), ``opset`` (default 18)."""
+    ``dynamic_batch`` (default True), ``opset`` (default 18) and ``spin`` (default True: idle intra-op
+    threads spin-wait for the next op, onnxruntime's default and the fastest for a session that has
+    the cores to itself; False: they sleep, for several sessions taking turns on the same cores, as
+    when a pruned model is timed beside the unpruned one)."""
 
     name = "onnx"
 
     def lower(self, gm: GraphModule, example_inputs: tuple, threads: Optional[int] = None,
-              dynamic_batch: bool = True, opset: int = OPSET, **options: Any) -> OnnxModule:
+              dynamic_batch: bool = True, opset: int = OPSET, spin: bool = True, **options: Any) -> OnnxModule:
         if options:
-            raise BackendError(f"onnx backend: unknown option(s) {sorted(options)}; valid: threads, dynamic_batch, opset")
+            raise BackendError(f"onnx backend: unknown option(s) {sorted(options)}; "
+                               "valid: threads, dynamic_batch, opset, spin")
+        if not isinstance(spin, bool):
+            raise BackendError(f"onnx backend: spin must be true or false, got {spin!r}")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise BackendError(f"onnx backend: threads must be a positive integer, got {threads!r}")
         model = to_onnx_model(gm, example_inputs, dynamic_batch=dynamic_batch, opset=opset)
-        return OnnxModule(model, threads or torch.get_num_threads())
+        return OnnxModule(model, threads or torch.get_num_threads(), spin)

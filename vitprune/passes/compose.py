@@ -6,13 +6,17 @@ pass the rest, in either order (``order=snp-first``: SNP to ``dense - split * R`
 token pass to the target; ``tokens-first``: the token pass to ``dense - (1 - split) * R``, then
 SNP to the target). SNP after a token pass calibrates with the original model's token
 selections (:class:`vitprune.passes.snp.engine._Stream`), so both orders are sound.
-``split=none`` tries every value of ``splits`` and keeps the one whose model is closest to the
-original on the calibration images (mean KL divergence of the class distributions; no other
-image is looked at).
+``split=none`` chooses among ``splits`` by two-fold cross-validation on the calibration images
+(no other image is looked at): the composition is fitted on the even-numbered images and scored
+on the odd ones, and the other way round; the split with the lowest mean KL divergence of the
+class distributions to the original model's is then fitted on all calibration images. KL on the
+images a composition was fitted on would favour SNP, whose least-squares refit fits exactly
+those images (docs/decisions.md, "Choosing the split").
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Literal, Optional
 
@@ -37,14 +41,16 @@ class SNPTokens(RecoveryOptions, Pass):
             ``target_gmacs``).
         order: ``snp-first`` or ``tokens-first``.
         split: fraction of the MAC reduction done by SNP, in (0, 1); None: the value of
-            ``splits`` with the lowest calibration KL (one composition per value).
+            ``splits`` with the lowest two-fold cross-validated calibration KL (:meth:`choose_split`;
+            two compositions on half the images per value, then one on all of them).
         splits: candidates for ``split=none``, each in (0, 1).
         criterion: SNP's neuron criterion (:class:`vitprune.passes.snp.snp.SNP`).
 
     Raises:
         InvalidPassConfigError: no ``target_gmacs``, a split outside (0, 1), a budget at or above
             the dense model or below what SNP and the token pass reach together, calibration
-            images of another size than the model's input.
+            images of another size than the model's input, ``split=none`` with fewer than 4
+            calibration images.
     """
 
     target_gmacs: Optional[float] = None
@@ -104,21 +110,43 @@ class SNPTokens(RecoveryOptions, Pass):
             records.append({"pass": p.name, **sub.info, "target_gmacs": round(p.target_gmacs, 4)})
         return out, records
 
+    def choose_split(self, gm: GraphModule, ctx: PassContext) -> tuple[float, dict[float, float]]:
+        """The value of ``splits`` with the lowest two-fold cross-validated KL on the calibration images.
+
+        Fold ``k`` fits the composition on the calibration images of parity ``k`` (even / odd
+        positions) and measures the mean KL divergence (original || composed) of the class
+        distributions on the other parity; a split's score is the mean of its two folds.
+
+        Returns:
+            ``(split, {split: cross-validated KL})``.
+
+        Raises:
+            InvalidPassConfigError: fewer than 4 calibration images (two per fold).
+        """
+        calib = self.calibration_images(ctx, self.name)
+        if calib.shape[0] < 4:
+            raise InvalidPassConfigError(f"snp-tokens: split=none needs at least 4 calibration images for its two "
+                                         f"folds, got {calib.shape[0]}; give more images or a split")
+        folds = (calib[0::2], calib[1::2])
+        with torch.no_grad():
+            refs = [gm(f) for f in folds]
+        scores = {}
+        for s in self.splits:
+            kls = []
+            for k in (0, 1):
+                out, _ = self.compose(gm, dataclasses.replace(ctx, calibration=folds[k], info={}), s)
+                with torch.no_grad():
+                    kls.append(kl_divergence(refs[1 - k], out(folds[1 - k])))
+            scores[s] = sum(kls) / 2
+        return min(scores, key=scores.get), scores
+
     def rewrite(self, gm: GraphModule, ctx: PassContext) -> GraphModule:
         if self.split is not None:
             out, records = self.compose(gm, ctx, self.split)
             ctx.record(split=self.split, passes=records)
             return out
+        split, scores = self.choose_split(gm, ctx)
         calib = self.calibration_images(ctx, self.name)
-        with torch.no_grad():
-            ref = gm(calib)
-        best = None
-        tried = {}
-        for s in self.splits:
-            out, records = self.compose(gm, ctx, s)
-            with torch.no_grad():
-                tried[s] = kl_divergence(ref, out(calib))
-            if best is None or tried[s] < tried[best[0]]:
-                best = (s, out, records)
-        ctx.record(split=best[0], calibration_kl={str(k): round(v, 5) for k, v in tried.items()}, passes=best[2])
-        return best[1]
+        out, records = self.compose(gm, dataclasses.replace(ctx, calibration=calib, info={}), split)
+        ctx.record(split=split, cv_kl={str(k): round(v, 5) for k, v in scores.items()}, passes=records)
+        return out

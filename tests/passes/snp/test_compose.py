@@ -40,16 +40,37 @@ def test_composed_budget_is_met_and_split_as_asked(order, tokens):
 
 
 @pytest.mark.slow
-def test_split_none_keeps_the_lowest_calibration_kl():
+def test_split_none_is_chosen_by_two_fold_cross_validation():
+    """Reference: the brute-force loop: each split fitted (fixed split) on the even images and scored on the
+    odd ones and the other way round; the chosen split must be the argmin, and the returned model the
+    fixed-split composition on all calibration images."""
     m = _model()
     target = round(0.6 * _dense(), 5)
-    spec = f"snp-tokens:target_gmacs={target},split=none,splits=0.3;0.7,{FAST}"
-    c = vitprune.compile(m, [spec], example_inputs=X, calibration=CAL, progress=False)
+    c = vitprune.compile(m, [f"snp-tokens:target_gmacs={target},split=none,splits=0.3;0.7,{FAST}"],
+                         example_inputs=X, calibration=CAL, progress=False)
     rec = c.report.passes[-1]
-    kls = {float(k): v for k, v in rec["calibration_kl"].items()}
-    assert rec["split"] == min(kls, key=kls.get)
-    with torch.no_grad():      # the recorded KL is the chosen model's, on the calibration images
-        assert abs(kl_divergence(m(CAL), c(CAL)) - kls[rec["split"]]) < 1e-4
+    cv = {float(k): v for k, v in rec["cv_kl"].items()}
+    folds = (CAL[0::2], CAL[1::2])
+    for s in (0.3, 0.7):
+        kls = []
+        for k in (0, 1):
+            fit = vitprune.compile(m, [f"snp-tokens:target_gmacs={target},split={s},{FAST}"], example_inputs=X,
+                                   calibration=folds[k], progress=False)
+            with torch.no_grad():
+                kls.append(kl_divergence(m(folds[1 - k]), fit(folds[1 - k])))
+        assert abs(cv[s] - sum(kls) / 2) < 1e-4, (s, cv[s], kls)
+    assert rec["split"] == min(cv, key=cv.get)
+    full = vitprune.compile(m, [f"snp-tokens:target_gmacs={target},split={rec['split']},{FAST}"], example_inputs=X,
+                            calibration=CAL, progress=False)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        assert (c(x) - full(x)).abs().max().item() < 1e-5
+
+
+def test_split_none_needs_two_images_per_fold():
+    with pytest.raises(InvalidPassConfigError, match="at least 4 calibration images"):
+        vitprune.compile(_model(), [f"snp-tokens:target_gmacs={0.6 * _dense():.5f},split=none,{FAST}"],
+                         example_inputs=X, calibration=CAL[:3], progress=False)
 
 
 @pytest.mark.parametrize("spec,match", [
