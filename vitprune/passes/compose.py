@@ -110,8 +110,9 @@ class SNPTokens(RecoveryOptions, Pass):
             records.append({"pass": p.name, **sub.info, "target_gmacs": round(p.target_gmacs, 4)})
         return out, records
 
-    def choose_split(self, gm: GraphModule, ctx: PassContext) -> tuple[float, dict[float, float]]:
-        """The value of ``splits`` with the lowest two-fold cross-validated KL on the calibration images.
+    def choose_split(self, gm: GraphModule, ctx: PassContext, calib: torch.Tensor) -> tuple[float, dict[float, float]]:
+        """The value of ``splits`` with the lowest two-fold cross-validated KL on ``calib`` ``[n, 3, H, W]``
+        (the calibration images, :meth:`calibration_images`).
 
         Fold ``k`` fits the composition on the calibration images of parity ``k`` (even / odd
         positions) and measures the mean KL divergence (original || composed) of the class
@@ -123,7 +124,6 @@ class SNPTokens(RecoveryOptions, Pass):
         Raises:
             InvalidPassConfigError: fewer than 4 calibration images (two per fold).
         """
-        calib = self.calibration_images(ctx, self.name)
         if calib.shape[0] < 4:
             raise InvalidPassConfigError(f"snp-tokens: split=none needs at least 4 calibration images for its two "
                                          f"folds, got {calib.shape[0]}; give more images or a split")
@@ -145,8 +145,8 @@ class SNPTokens(RecoveryOptions, Pass):
             out, records = self.compose(gm, ctx, self.split)
             ctx.record(split=self.split, passes=records)
             return out
-        split, scores = self.choose_split(gm, ctx)
-        calib = self.calibration_images(ctx, self.name)
+        calib = self.calibration_images(ctx, self.name)            # loaded once (calib=DIR reads files)
+        split, scores = self.choose_split(gm, ctx, calib)
         out, records = self.compose(gm, dataclasses.replace(ctx, calibration=calib, info={}), split)
         ctx.record(split=split, cv_kl={str(k): round(v, 5) for k, v in scores.items()}, passes=records)
         return out
