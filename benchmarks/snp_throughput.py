@@ -1,7 +1,8 @@
 """Throughput of SNP presets vs the unpruned model, one run, interleaved repeats, ratios.
 
-DeiT-S with random weights (speed does not depend on the weight values), torch backend,
-batch 32. Each round times every model once, in turn, so background load hits all alike;
+DeiT-S with random weights (speed does not depend on the weight values), batch 32, on the torch
+backend or onnxruntime (``--backend onnx``; sessions built with spinning off, as the sweep does,
+because they take turns on the same cores). Each round times every model once, in turn, so background load hits all alike;
 the ratio of medians is printed.
 
     PYTHONPATH=. python benchmarks/snp_throughput.py --threads 2 --rounds 5
@@ -24,6 +25,7 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--backend", choices=("torch", "onnx"), default="torch")
     ap.add_argument("--round-to", nargs="+", default=["default", "1"],
                     help="one preset row per value: layer widths rounded to multiples of it ('default': the "
                          "preset's default, 8; 1 = the released widths, whose odd sizes such as 307 or 150 run "
@@ -50,8 +52,10 @@ def main():
     for e in args.extra:
         pipelines[e] = e.split("+")
     compiled = {}
+    opts = {"threads": args.threads, "spin": False} if args.backend == "onnx" else {}
     for name, passes in pipelines.items():
-        compiled[name] = vitprune.compile(model, passes, example_inputs=example, calibration=calib, progress=False)
+        compiled[name] = vitprune.compile(model, passes, backend=args.backend, example_inputs=example,
+                                          calibration=calib, progress=False, **opts)
         print(f"{name}: {compiled[name].report.gmacs_after:.3f} GMACs", flush=True)
     x = torch.randn(args.batch, 3, 224, 224)
     times = {n: [] for n in compiled}
@@ -65,7 +69,7 @@ def main():
                 times[n].append(time.perf_counter() - t)
     base = args.batch / statistics.median(times["unpruned"])
     print()
-    print(f"| model | GMACs | img/s (batch {args.batch}, {args.threads} threads) | speed-up |")
+    print(f"| model | GMACs | img/s ({args.backend}, batch {args.batch}, {args.threads} threads) | speed-up |")
     print("|---|---|---|---|")
     for n, c in compiled.items():
         ips = args.batch / statistics.median(times[n])

@@ -16,7 +16,7 @@ import torch
 
 from vitprune.errors import DataError, SweepError
 from vitprune.sweep import (open_storage, open_study, pareto_front, parse_pick, pick_best, planned_trials,
-                            split_images, take_waiting_trial)
+                            retime_front, split_images, take_waiting_trial, with_retimes)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared")
@@ -41,6 +41,49 @@ def test_pareto_front_matches_brute_force():
     brute = {r["number"] for r in done if not dominated(r, done)}
     assert {r["number"] for r in front} == brute
     assert [r["latency_ratio"] for r in front] == sorted(r["latency_ratio"] for r in front)
+
+
+def test_retime_front_leaves_only_retimed_trials_on_both_fronts():
+    rng = np.random.default_rng(1)
+    recs, true = [], {}
+    for i in range(80):
+        r1, rb = float(rng.uniform(0.4, 1.1)), float(rng.uniform(0.4, 1.1))
+        # a trial's own times: the true ratio, but some caught a load change (up to 2x too fast)
+        s1, sb = (float(rng.uniform(0.5, 1.0)) if rng.random() < 0.3 else 1.0 for _ in range(2))
+        recs.append({"number": i, "state": "COMPLETE", "top1": float(rng.uniform(60, 80)), "latency_ms": 10 * r1 * s1,
+                     "base_latency_ms": 10.0, "latency_ratio": r1 * s1, "img_s": 100 / (rb * sb), "base_img_s": 100.0,
+                     "batch_ratio": rb * sb})
+        true[i] = {"latency_ms": 10 * r1, "base_latency_ms": 10.0, "latency_ratio": r1, "img_s": 100 / rb,
+                   "base_img_s": 100.0, "batch_ratio": rb}
+    recs[3]["top1"] = 95.0                                       # the most accurate trial: on both fronts
+    recs.append({"number": 80, "state": "FAIL"})
+    calls, stored = [], []
+
+    def measure(r):
+        calls.append(r["number"])
+        if r["number"] == 3:
+            raise RuntimeError("lowering failed\nstack")
+        return true[r["number"]]
+
+    earlier = {"5": true[5]}
+    out = retime_front(recs, measure, earlier, on_retimed=lambda m: stored.append(dict(m)))
+    assert len(calls) == len(set(calls)) and 5 not in calls            # each trial measured once, earlier ones kept
+    assert stored[-1] == out and len(stored) == len(calls)
+    final = with_retimes(recs, out)
+    done = [r for r in final if r["state"] == "COMPLETE"]
+    for key in ("latency_ratio", "batch_ratio"):
+        front = [r for r in done if not any(o["top1"] >= r["top1"] and o[key] <= r[key]
+                                            and (o["top1"] > r["top1"] or o[key] < r[key]) for o in done)]
+        # brute-force front of the final times: every member was re-timed (or failed to be)
+        assert front and all(str(r["number"]) in out for r in front)
+    for r in done:
+        if r.get("retimed"):
+            assert r["latency_ratio"] == true[r["number"]]["latency_ratio"]
+            assert r["trial_latency_ratio"] == recs[r["number"]]["latency_ratio"]
+    r3 = final[3]                                                # a failed re-timing keeps the trial's own times
+    assert not r3.get("retimed") and r3["retime_error"] == "RuntimeError: lowering failed"
+    assert r3["latency_ratio"] == recs[3]["latency_ratio"]
+    assert len(calls) < 40                                       # only fronts, not every trial
 
 
 def _rec(n, top1, ratio, ms):
@@ -98,6 +141,25 @@ def test_study_with_other_inputs_is_refused_and_plan_is_exact(tmp_path):
     assert again.trials[0].user_attrs.get("plain") is True
 
 
+@needs_real
+def test_backend_that_cannot_take_the_model_leaves_no_study(tmp_path, monkeypatch):
+    import optuna
+
+    import vitprune
+    from vitprune.errors import BackendError
+
+    def fail(*a, **k):
+        raise BackendError("tvm backend: cannot lower aten op 'x'")
+
+    monkeypatch.setattr(vitprune, "compile", fail)
+    out = str(tmp_path / "sw")
+    with pytest.raises(BackendError, match="cannot lower"):
+        vitprune.sweep("test_vit", DATA, out, backend="torch", methods=["tome"], trials=1, limit=4, calib_images=4,
+                       batch_size=4, progress=False)
+    # the same --out then takes another model: nothing of the failed run is in the way
+    assert optuna.get_all_study_summaries(open_storage(None, out)) == []
+
+
 # --------------------------------------------------------------------------- real DeiT-T, real images
 @needs_real
 @pytest.mark.slow
@@ -121,6 +183,10 @@ def test_short_sweep_on_real_deit_tiny(tmp_path):
         assert r["latency_ratio"] == pytest.approx(r["latency_ms"] / r["base_latency_ms"])
         assert r["batch_ratio"] == pytest.approx(r["base_img_s"] / r["img_s"])
     assert len({r["base_latency_ms"] for r in done}) == len(done)
+    # the front trials were re-timed after the last trial, with their own times kept beside
+    assert res.front and all(r.get("retimed") for r in res.front)
+    assert all(r["trial_latency_ratio"] > 0 for r in res.front)
+    retimed = dict(res.study.user_attrs["retimed"])
     for name in ("frontier.png", "frontier.json", "report.md", "best.json"):
         assert os.path.getsize(os.path.join(out, name)) > 0
     doc = json.load(open(os.path.join(out, "frontier.json")))
@@ -139,6 +205,7 @@ def test_short_sweep_on_real_deit_tiny(tmp_path):
     # resuming a finished study adds no trials; other held-out images are refused, naming both
     res2 = vitprune.sweep("deit_tiny_patch16_224", DATA, out, **kw)
     assert res2.ran == 0 and len(res2.records) == 3
+    assert res2.study.user_attrs["retimed"] == retimed               # and re-times nothing again
     with pytest.raises(SweepError, match="held-out .* this run has"):
         vitprune.sweep("deit_tiny_patch16_224", DATA, out, **{**kw, "limit": 20})
 

@@ -381,6 +381,8 @@ def _sweep_args(p):
     p.add_argument("--pick", default="max-drop=1.0", help="rule for best.json: max-drop=PT, latency<=MSms, speedup>=X")
     p.add_argument("--limit", type=int, help="use only the first N held-out images")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--retime", type=int, default=4,
+                   help="after the last trial, time the front trials again with N times the call pairs (0: off)")
     p.add_argument("--out", required=True, help="folder for frontier.png/.json, report.md, best.json, the study")
     p.add_argument("--no-progress", action="store_true")
 
@@ -402,7 +404,7 @@ def cmd_sweep(args) -> int:
                     device_key=args.device_key, batch_size=args.batch_size,
                     methods=[m.strip() for m in args.methods.split(",") if m.strip()], trials=args.trials,
                     storage=args.storage, worker=args.worker, pick=args.pick, limit=args.limit, threads=args.threads,
-                    seed=args.seed, progress=not args.no_progress)
+                    seed=args.seed, retime=args.retime, progress=not args.no_progress)
     except KeyboardInterrupt:
         print(f"vitprune: interrupted; finished trials stay in the study (under {args.out} or --storage); "
               "rerun the same command to resume", file=sys.stderr)

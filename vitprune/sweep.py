@@ -7,6 +7,12 @@ searches pass pipelines and keeps, per trial, two objectives measured in this ru
 * the batch-1 latency ratio to the unpruned model on the chosen backend (minimised), measured
   side by side with the unpruned model inside the trial (alternating calls, median of repeats).
 
+When every planned trial has finished, the trials on either Pareto front are rebuilt and timed again
+side by side with the unpruned model, with ``retime`` times as many call pairs (:func:`retime_front`):
+a trial's few pairs at the throughput batch can catch a load change that the front then rewards.
+The report, the plot, the pick and ``best.json`` use those times; each trial keeps its own in
+``trial_*`` keys.
+
 Recorded with each trial (user attributes): agreement with the unpruned model and KL(unpruned ||
 pruned), GMACs, latency (ms, batch 1) and throughput (img/s at ``batch_size``) of both models, the
 pass configs and their spec string.
@@ -496,7 +502,7 @@ def sweep(model_name: str, data: str, out: str, weights: Optional[str] = None, c
           methods: Sequence[str] = METHODS, trials: int = 40, storage: Optional[str] = None,
           worker: bool = False, pick: str = "max-drop=1.0", limit: Optional[int] = None,
           threads: Optional[int] = None, seed: int = 0, latency_repeats: int = 15, batch_repeats: int = 3,
-          study_name: str = STUDY_NAME, progress: bool = True) -> SweepResult:
+          retime: int = 4, study_name: str = STUDY_NAME, progress: bool = True) -> SweepResult:
     """Measure the accuracy-vs-latency frontier of ``model_name`` and write it to ``out``.
 
     Args:
@@ -517,6 +523,9 @@ def sweep(model_name: str, data: str, out: str, weights: Optional[str] = None, c
         limit: use only the first ``limit`` held-out images.
         threads: CPU threads of the backend (default: torch's).
         latency_repeats, batch_repeats: timed call pairs per trial at batch 1 / at ``batch_size``.
+        retime: once the plan is done (and not as a ``worker``), re-time the front trials with ``retime``
+            times as many pairs (:func:`retime_front`; stored in the study, so done once); 0: keep the
+            trials' own times.
 
     Returns:
         a :class:`SweepResult`; ``out`` holds ``frontier.png``, ``frontier.json``, ``report.md`` and, when a
@@ -546,6 +555,8 @@ def sweep(model_name: str, data: str, out: str, weights: Optional[str] = None, c
     parse_pick(pick)
     if trials < 1:
         raise SweepError(f"--trials {trials} must be >= 1")
+    if retime < 0:
+        raise SweepError(f"--retime {retime} must be >= 0 (0: keep each trial's own times)")
     options: dict = {}
     if backend == "tvm":
         options["target"] = target or "cpu"
@@ -585,8 +596,7 @@ def sweep(model_name: str, data: str, out: str, weights: Optional[str] = None, c
              "space": f"methods={','.join(methods)} fracs={json.dumps({m: TOKEN_FRACS[m] for m in methods})} "
                       f"snp={json.dumps(SNP_FIXED)}"}
     os.makedirs(out, exist_ok=True)
-    study = open_study(open_storage(storage, out), study_name, attrs, trials, worker,
-                       plain_params(methods, graph.layouts), seed=None if worker else seed)
+    store = open_storage(storage, out)          # an unreachable storage is named before any work
 
     def lower(compiled):
         """(module at ``batch_size``, module at batch 1) for the backend."""
@@ -610,6 +620,9 @@ def sweep(model_name: str, data: str, out: str, weights: Optional[str] = None, c
     base_c = vp_compile(model, [], backend=backend, example_inputs=example, progress=False,
                         check_parity=_parity(backend, options), **options)
     base_b, base_1 = lower(base_c)
+    # the study is made once the unpruned model lowers: a backend that cannot take the model leaves none
+    study = open_study(store, study_name, attrs, trials, worker,
+                       plain_params(methods, graph.layouts), seed=None if worker else seed)
     base_res, base_logits = predict(base_b)
     base = {"top1": base_res["top1"], "images": base_res["images"], "gmacs": base_c.report.gmacs_after}
 
@@ -627,18 +640,32 @@ def sweep(model_name: str, data: str, out: str, weights: Optional[str] = None, c
             bar.update(1)
             res, logits = predict(mod_b, bar)
             agree, kl = kl_and_agreement(base_logits, logits)
-            b1, t1 = side_by_side(base_1, mod_1, x1, latency_repeats)
-            bb, tb = side_by_side(base_b, mod_b, xb, batch_repeats)
+            times = time_pair(mod_1, mod_b, latency_repeats, batch_repeats)
             bar.update(1)
         finally:
             bar.close()
         rec = {"base_top1": base["top1"], "gmacs": compiled.report.gmacs_after, "top1": res["top1"], "agreement": agree, "kl": kl,
-               "images": res["images"], "latency_ms": 1000 * t1, "base_latency_ms": 1000 * b1,
-               "latency_ratio": t1 / b1, "img_s": batch_size / tb, "base_img_s": batch_size / bb,
-               "batch_ratio": tb / bb, "seconds": time.time() - t0}
+               "images": res["images"], **times, "seconds": time.time() - t0}
         for k, v in rec.items():
             trial.set_user_attr(k, v)
-        return res["top1"], t1 / b1
+        return res["top1"], times["latency_ratio"]
+
+    def time_pair(mod_1, mod_b, n1: int, nb: int) -> dict:
+        """Latency at batch 1 and throughput at ``batch_size`` of a pruned model and the unpruned one,
+        side by side (``n1`` / ``nb`` call pairs), with their ratios."""
+        b1, t1 = side_by_side(base_1, mod_1, x1, n1)
+        bb, tb = side_by_side(base_b, mod_b, xb, nb)
+        return {"latency_ms": 1000 * t1, "base_latency_ms": 1000 * b1, "latency_ratio": t1 / b1,
+                "img_s": batch_size / tb, "base_img_s": batch_size / bb, "batch_ratio": tb / bb}
+
+    def retime_one(rec: dict) -> dict:
+        from .passes.base import Pass
+
+        compiled = vp_compile(model, [Pass.from_config(c) for c in rec["passes"]], backend=backend,
+                              example_inputs=example, calibration=calibration, progress=False,
+                              check_parity=_parity(backend, options), **options)
+        mod_b, mod_1 = lower(compiled)
+        return time_pair(mod_1, mod_b, retime * latency_repeats, retime * batch_repeats)
 
     import socket
 
@@ -670,6 +697,8 @@ def sweep(model_name: str, data: str, out: str, weights: Optional[str] = None, c
         ran += 1
         bar.update(1)
     bar.close()
+    if retime and not worker and _finished(study) >= planned_trials(study):
+        retime_study(study, retime_one, progress)
     return write_outputs(study, out, base, split, pick, model_name, backend, batch_size, ran)
 
 
@@ -706,9 +735,81 @@ def _remote_device(tracker: Optional[str], key: Optional[str], backend: str):
     return devices.remote(tracker, key)
 
 
+# --------------------------------------------------------------------------- re-timing the front
+TIMES = ("latency_ms", "base_latency_ms", "latency_ratio", "img_s", "base_img_s", "batch_ratio")
+
+
+def with_retimes(records: list[dict], retimed: dict) -> list[dict]:
+    """``records`` with the times of re-timed trials (``retimed``: trial number (str) -> times, or
+    ``{"error": ...}``) in place of the trial's own, which move to ``trial_<key>``; ``retimed`` is True
+    for those."""
+    out = []
+    for r in records:
+        t = retimed.get(str(r["number"]))
+        if t is not None and "error" not in t:
+            r = {**r, **{f"trial_{k}": r[k] for k in TIMES}, **{k: t[k] for k in TIMES}, "retimed": True}
+        elif t is not None:
+            r = {**r, "retime_error": t["error"]}
+        out.append(r)
+    return out
+
+
+def retime_front(records: list[dict], measure: Callable[[dict], dict], retimed: Optional[dict] = None,
+                 on_retimed: Optional[Callable[[dict], None]] = None) -> dict:
+    """Re-time the trials on either Pareto front (top-1 against the batch-1 latency ratio and against the
+    batch time ratio) until both fronts hold only re-timed trials.
+
+    A trial that a re-timing moves may let another, never re-timed trial onto a front, so this repeats
+    on the fronts of the updated times; each trial is measured at most once, so it ends after at most
+    ``len(records)`` measurements.
+
+    Args:
+        records: finished trials (:func:`trial_records`), with their own times (:data:`TIMES`).
+        measure: ``record -> times`` (the :data:`TIMES` keys); a :class:`VitpruneError`, ``RuntimeError``
+            or ``OSError`` is recorded as ``{"error": message}`` and the trial keeps its own times.
+        retimed: trial number (str) -> times of earlier re-timings (kept, not measured again).
+        on_retimed: called with the whole mapping after each measurement (to store it).
+
+    Returns:
+        the mapping ``retimed`` extended with the trials measured here.
+    """
+    retimed = dict(retimed or {})
+    while True:
+        done = [r for r in with_retimes(records, retimed) if r.get("state") == "COMPLETE"]
+        todo = {r["number"]: r for fr in (pareto_front(done), pareto_front(done, x="batch_ratio"))
+                for r in fr if str(r["number"]) not in retimed}
+        if not todo:
+            return retimed
+        for n, r in sorted(todo.items()):
+            try:
+                retimed[str(n)] = {k: float(v) for k, v in measure(r).items() if k in TIMES}
+            except (VitpruneError, RuntimeError, OSError) as exc:
+                retimed[str(n)] = {"error": f"{type(exc).__name__}: {_first_line(exc)}"}
+            if on_retimed is not None:
+                on_retimed(retimed)
+
+
+def retime_study(study, measure: Callable[[dict], dict], progress: bool = True) -> dict:
+    """:func:`retime_front` on a study's finished trials, the result stored in the study's user attribute
+    ``retimed`` after each trial (a resumed run measures only what is missing), with a progress bar."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc="re-timing the front", unit="trial", disable=not progress)
+
+    def store(m):
+        study.set_user_attr("retimed", m)
+        bar.update(1)
+
+    try:
+        return retime_front(trial_records(study, retimes=False), measure, study.user_attrs.get("retimed", {}), store)
+    finally:
+        bar.close()
+
+
 # --------------------------------------------------------------------------- results
-def trial_records(study) -> list[dict]:
-    """One dict per finished trial: number, state, method, plain, values and user attributes."""
+def trial_records(study, retimes: bool = True) -> list[dict]:
+    """One dict per finished trial: number, state, method, plain, values and user attributes (with
+    ``retimes``, the times of re-timed trials replaced: :func:`with_retimes`)."""
     recs = []
     for t in study.get_trials(deepcopy=False):
         if not t.state.is_finished() or t.user_attrs.get("interrupted"):
@@ -717,7 +818,7 @@ def trial_records(study) -> list[dict]:
              **{k: v for k, v in t.user_attrs.items()}}
         r["plain"] = bool(r.get("plain"))
         recs.append(r)
-    return recs
+    return with_retimes(recs, study.user_attrs.get("retimed", {})) if retimes else recs
 
 
 def pareto_front(records: list[dict], x: str = "latency_ratio", y: str = "top1") -> list[dict]:
@@ -836,10 +937,19 @@ def report_markdown(front, front_batch, failed, base, split, pick_msg, model_nam
     pick, failed trials."""
     from .cli import format_table
 
+    def speedup(r, key):
+        own = f" ({1 / r['trial_' + key]:.2f}x)" if r.get("retimed") else ""
+        return f"{1 / r[key]:.2f}x{own}"
+
     def rows(rs):
         return [[r["number"], f"`{r['spec']}`", f"{r['gmacs']:.3f}", f"{r['top1']:.1f}", f"{base['top1'] - r['top1']:.1f}",
-                 f"{r['agreement']:.1f}", f"{r['kl']:.4f}", f"{r['latency_ms']:.2f}", f"{1 / r['latency_ratio']:.2f}x",
-                 f"{r['img_s']:.1f}", f"{1 / r['batch_ratio']:.2f}x"] for r in rs]
+                 f"{r['agreement']:.1f}", f"{r['kl']:.4f}", f"{r['latency_ms']:.2f}", speedup(r, "latency_ratio"),
+                 f"{r['img_s']:.1f}", speedup(r, "batch_ratio")] for r in rs]
+
+    n_re = sum(1 for r in front + front_batch if r.get("retimed"))
+    retimed_note = (" The front trials were built again after the last trial and re-timed side by side with the "
+                    "unpruned model with more call pairs; their speed-ups are those, with the trial's own in "
+                    "parentheses." if n_re else "")
 
     cols = ["trial", "passes", "GMACs", "top-1 %", "drop pt", "agreement %", "KL", "latency ms (b1)",
             "speedup b1", f"img/s (b{batch_size})", f"speedup b{batch_size}"]
@@ -848,7 +958,7 @@ def report_markdown(front, front_batch, failed, base, split, pick_msg, model_nam
              "calibration images are used only by the passes.", "",
              f"Unpruned: {base['gmacs']:.3f} GMACs, top-1 {base['top1']:.1f} %, {base['latency_ms']:.2f} ms at batch 1, "
              f"{base['img_s']:.1f} img/s at batch {batch_size} (medians over the trials; every ratio is measured "
-             "side by side with the unpruned model inside its trial).", "",
+             "side by side with the unpruned model inside its trial)." + retimed_note, "",
              f"{n_done} completed trials, {len(failed)} failed" + (f", {unfinished} not finished" if unfinished else "")
              + ".", "", f"Pick: {pick_msg}", "",
              "## Pareto front (top-1 vs batch-1 latency)", "", format_table(cols, rows(front)), "",
