@@ -613,20 +613,10 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
 
 def device_from_args(args):
     """The :class:`vitprune.devices.Device` named by ``--tracker``/``--device-key``, or None."""
-    from .errors import BackendError
-
-    tracker, key = getattr(args, "tracker", None), getattr(args, "device_key", None)
-    if not tracker and not key:
-        return None
-    if not tracker or not key:
-        raise BackendError("--tracker HOST:PORT and --device-key K go together (the tracker and the key its "
-                           "devices registered with)")
-    if getattr(args, "backend", "tvm") != "tvm":
-        raise BackendError(f"--tracker applies to --backend tvm only, got --backend {args.backend}")
     from . import devices
 
-    return devices.remote(tracker, key, timeout=args.device_timeout,
-                          session_timeout=max(args.device_timeout, 60.0))
+    return devices.from_flags(getattr(args, "tracker", None), getattr(args, "device_key", None),
+                              getattr(args, "backend", "tvm"), timeout=args.device_timeout)
 
 
 def _device_args(p):

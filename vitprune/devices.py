@@ -191,6 +191,23 @@ def remote(tracker: str, key: str, timeout: float = 60.0, session_timeout: float
     return dev
 
 
+def from_flags(tracker: Optional[str], key: Optional[str], backend: str, timeout: float = 60.0) -> Optional[Device]:
+    """The device that ``--tracker HOST:PORT --device-key K`` name for ``--backend backend``, or None
+    when neither flag is given (the local machine).
+
+    Raises:
+        BackendError: only one of the two given, a backend other than ``tvm``, or :func:`remote`'s errors.
+    """
+    if not tracker and not key:
+        return None
+    if not tracker or not key:
+        raise BackendError("--tracker HOST:PORT and --device-key K go together (the tracker and the key its "
+                           "devices registered with)")
+    if backend != "tvm":
+        raise BackendError(f"--tracker applies to --backend tvm only (it measures over TVM RPC), got --backend {backend}")
+    return remote(tracker, key, timeout=timeout, session_timeout=max(timeout, 60.0))
+
+
 def device_info(session) -> dict:
     """What a connected device runs: ``{"triple", "cpu", "llvm"}`` (None where unknown).
 

@@ -566,7 +566,9 @@ def sweep(model_name: str, data: str, out: str, weights: Optional[str] = None, c
     elif target:
         raise SweepError(f"--target applies to --backend tvm only, got --backend {backend}")
     if tracker or device_key:
-        options["device"] = _remote_device(tracker, device_key, backend)
+        from . import devices
+
+        options["device"] = devices.from_flags(tracker, device_key, backend)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if threads:
         torch.set_num_threads(threads)
@@ -723,16 +725,6 @@ def _load_files(root: str, files: list[str], transform) -> torch.Tensor:
 
     xs = [x for x, _, _ in make_loader(_subset(root, files, transform), batch_size=32) if len(x)]
     return torch.cat(xs)
-
-
-def _remote_device(tracker: Optional[str], key: Optional[str], backend: str):
-    if not (tracker and key):
-        raise SweepError("--tracker HOST:PORT and --device-key KEY go together")
-    if backend != "tvm":
-        raise SweepError(f"--tracker measures over TVM RPC: it needs --backend tvm, got --backend {backend}")
-    from . import devices
-
-    return devices.remote(tracker, key)
 
 
 # --------------------------------------------------------------------------- re-timing the front

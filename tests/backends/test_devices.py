@@ -77,6 +77,23 @@ def test_tracker_that_does_not_answer_names_the_address_and_how_to_start_one():
         devices.remote("127.0.0.1:notaport", "rpi4")
 
 
+def test_tracker_flags_checked_before_any_connection():
+    """One check for every command (tune, run, sweep): both flags or neither, and only for TVM."""
+    port = _free_port()                                   # nothing listens: a check that connected would fail otherwise
+    assert devices.from_flags(None, None, "onnx") is None
+    with pytest.raises(BackendError, match="go together"):
+        devices.from_flags(f"127.0.0.1:{port}", None, "tvm")
+    with pytest.raises(BackendError, match="go together"):
+        devices.from_flags(None, "rpi4", "tvm")
+    with pytest.raises(BackendError, match="--backend tvm only.*got --backend onnx"):
+        devices.from_flags(f"127.0.0.1:{port}", "rpi4", "onnx")
+    with pytest.raises(BackendError, match=f"no RPC tracker answers at 127.0.0.1:{port}"):
+        devices.from_flags(f"127.0.0.1:{port}", "rpi4", "tvm", timeout=2.0)
+    with pytest.raises(BackendError, match="--backend tvm only"):    # the sweep uses the same check
+        vitprune.sweep("deit_tiny_patch16_224", "/nonexistent", "/nonexistent-out", backend="onnx",
+                       tracker=f"127.0.0.1:{port}", device_key="rpi4")
+
+
 def test_cli_says_what_is_wrong_in_one_line(capsys):
     from vitprune.cli import main
 
