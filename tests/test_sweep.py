@@ -105,6 +105,22 @@ def test_pick_rules_and_closest_trial():
 
 
 @needs_real
+def test_report_names_what_a_failed_trial_sampled():
+    """A trial that fails while its passes are built (a sampled schedule out of reach) has no pass spec:
+    the report gives its sampled parameters instead of an empty cell."""
+    from types import SimpleNamespace
+
+    from vitprune.sweep import report_markdown
+
+    failed = [{"number": 7, "state": "FAIL", "params": {"method": "zero-tprune", "target_gmacs": 0.7012345},
+               "error": "InvalidPassConfigError: zero-tprune: 0.701 GMACs out of reach"}]
+    base = {"top1": 80.0, "images": 10, "gmacs": 1.25, "latency_ms": 20.0, "img_s": 50.0}
+    md = report_markdown([], [], failed, base, SimpleNamespace(how="10 images"), "-", "m", "onnx", 32, 0, 0)
+    row = [line for line in md.splitlines() if line.startswith("| 7 |")]
+    assert row == ["| 7 | `method=zero-tprune,target_gmacs=0.70123` | InvalidPassConfigError: zero-tprune: 0.701 GMACs "
+                   "out of reach |"], md
+
+
 def test_split_is_disjoint_and_checks_the_held_out_count(tmp_path):
     s = split_images(DATA, None, 64, None)
     assert len(s.calibration) == 64 and len(s.heldout) == 436

@@ -813,6 +813,11 @@ def trial_records(study, retimes: bool = True) -> list[dict]:
     return with_retimes(recs, study.user_attrs.get("retimed", {})) if retimes else recs
 
 
+def _params_text(params: dict) -> str:
+    """A failed trial's sampled parameters, ``name=value`` joined by commas (it failed before it had passes)."""
+    return ",".join(f"{k}={round(v, 5) if isinstance(v, float) else v}" for k, v in params.items())
+
+
 def pareto_front(records: list[dict], x: str = "latency_ratio", y: str = "top1") -> list[dict]:
     """Records not dominated in (max ``y``, min ``x``), sorted by ``x``."""
     ok = [r for r in records if r.get("state") == "COMPLETE"]
@@ -956,8 +961,8 @@ def report_markdown(front, front_batch, failed, base, split, pick_msg, model_nam
              "## Pareto front (top-1 vs batch-1 latency)", "", format_table(cols, rows(front)), "",
              f"## Pareto front (top-1 vs batch-{batch_size} throughput)", "", format_table(cols, rows(front_batch)), ""]
     if failed:
-        lines += ["## Failed trials", "", format_table(["trial", "passes", "error"],
-                                                       [[r["number"], f"`{r.get('spec', '')}`", r.get("error", "")]
+        lines += ["## Failed trials", "", format_table(["trial", "passes (or sampled parameters)", "error"],
+                                                       [[r["number"], f"`{r.get('spec') or _params_text(r['params'])}`", r.get("error", "")]
                                                         for r in failed]), ""]
     return "\n".join(lines)
 

@@ -1,11 +1,15 @@
 """``snp-tokens``: SNP neuron pruning and a token-reduction pass (Zero-TPrune or ToMe) under one
 GMACs budget.
 
-The MAC reduction ``R = dense - target_gmacs`` is split: SNP removes ``split * R`` and the token
-pass the rest, in either order (``order=snp-first``: SNP to ``dense - split * R``, then the
-token pass to the target; ``tokens-first``: the token pass to ``dense - (1 - split) * R``, then
-SNP to the target). SNP after a token pass calibrates with the original model's token
-selections (:class:`vitprune.passes.snp.engine._Stream`), so both orders are sound.
+The MAC reduction ``R = dense - target_gmacs`` is split: SNP removes ``split * R`` of the dense
+model's MACs and the token pass the rest. ``order=snp-first``: SNP to ``D = dense - split * R``,
+then the token pass to the target. ``tokens-first`` prunes by the same two factors the other way
+round (MACs are close to a product of a neuron factor and a token factor): the token pass to
+``dense * target / D``, then SNP to the target (by ``D / dense``), so a split prunes the same
+share of neurons and of tokens in both orders. (Splitting ``R`` itself in the token-pruned
+model would make SNP prune more neurons in ``tokens-first``: a neuron there saves fewer MACs.)
+SNP after a token pass calibrates with the original model's token selections
+(:class:`vitprune.passes.snp.engine._Stream`), so both orders are sound.
 ``split=none`` chooses among ``splits`` by two-fold cross-validation on the calibration images
 (no other image is looked at): the composition is fitted on the even-numbered images and scored
 on the odd ones, and the other way round; the split with the lowest mean KL divergence of the
@@ -40,7 +44,8 @@ class SNPTokens(RecoveryOptions, Pass):
         tokens: the token pass, ``zero-tprune`` or ``tome`` (its default options, its own
             ``target_gmacs``).
         order: ``snp-first`` or ``tokens-first``.
-        split: fraction of the MAC reduction done by SNP, in (0, 1); None: the value of
+        split: fraction of the MAC reduction done by SNP, counted on the dense model, in (0, 1)
+            (the same neuron and token shares in both orders, see the module docstring); None: the value of
             ``splits`` with the lowest two-fold cross-validated calibration KL (:meth:`choose_split`;
             two compositions on half the images per value, then one on all of them).
         splits: candidates for ``split=none``, each in (0, 1).
@@ -85,10 +90,11 @@ class SNPTokens(RecoveryOptions, Pass):
 
     def plan(self, dense: float, split: float) -> list[Pass]:
         """The two passes, in order, for a dense model of ``dense`` GMACs."""
-        cut = dense - self.target_gmacs
+        after_snp = dense - split * (dense - self.target_gmacs)      # SNP's share, counted on the dense model
         if self.order == "snp-first":
-            return [self.snp_pass(dense - split * cut), self.token_pass(self.target_gmacs)]
-        return [self.token_pass(dense - (1 - split) * cut), self.snp_pass(self.target_gmacs)]
+            return [self.snp_pass(after_snp), self.token_pass(self.target_gmacs)]
+        # the same two factors the other way round: tokens keep target / after_snp of the MACs, SNP after_snp / dense
+        return [self.token_pass(dense * self.target_gmacs / after_snp), self.snp_pass(self.target_gmacs)]
 
     def compose(self, gm: GraphModule, ctx: PassContext, split: float) -> tuple[GraphModule, list[dict]]:
         """Run both passes at ``split`` on a copy of ``gm``; returns the graph and their records."""

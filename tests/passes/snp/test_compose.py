@@ -39,6 +39,29 @@ def test_composed_budget_is_met_and_split_as_asked(order, tokens):
     assert [p["pass"] for p in inner] == (["snp", tokens] if order == "snp-first" else [tokens, "snp"])
 
 
+def _widths(c):
+    """Kept neurons of a compiled model, read from its weight shapes: (MLP hidden, attention q/k/v/proj rows)."""
+    shapes = [(k, v.shape[0]) for k, v in c.graph_module.state_dict().items() if k.endswith("weight") and v.dim() == 2]
+    mlp = sum(n for k, n in shapes if "fc1" in k)
+    attn = sum(n for k, n in shapes if "fc1" not in k and "fc2" not in k and "head" not in k)
+    return mlp, attn
+
+
+@pytest.mark.slow
+def test_both_orders_prune_the_same_neurons_at_one_split():
+    """A split is SNP's share counted on the dense model, so both orders keep about as many neurons (reference:
+    the weight shapes). Splitting the reduction inside the token-pruned model instead made tokens-first keep 748
+    MLP neurons against 812 here (a neuron there saves fewer MACs)."""
+    target = round(0.6 * _dense(), 5)
+    kept = {o: _widths(vitprune.compile(_model(), [f"snp-tokens:target_gmacs={target},order={o},split=0.5,{FAST}"],
+                                        example_inputs=X, calibration=CAL, progress=False))
+            for o in ("snp-first", "tokens-first")}
+    dense = _widths(vitprune.compile(_model(), [], example_inputs=X, progress=False))
+    for i in (0, 1):
+        assert kept["snp-first"][i] < dense[i]
+        assert abs(kept["snp-first"][i] - kept["tokens-first"][i]) <= 0.03 * dense[i], (kept, dense)
+
+
 @pytest.mark.slow
 def test_split_none_is_chosen_by_two_fold_cross_validation():
     """Reference: the brute-force loop: each split fitted (fixed split) on the even images and scored on the
