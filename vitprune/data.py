@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -93,6 +93,7 @@ class ImageFolder(Dataset):
         transform: PIL image -> tensor (e.g. timm's eval transform for the model).
         limit: use only the first ``limit`` images (sorted by file name), ``>= 1``.
         exclude: image paths to leave out (held out for calibration), before ``limit``.
+        files: use only these image paths (e.g. one side of a calibration / held-out split), before ``limit``.
 
     Attributes:
         num_classes: the number of classes ``synsets.txt`` lists.
@@ -102,7 +103,8 @@ class ImageFolder(Dataset):
         DataError: missing folder, missing ``synsets.txt``, no labelled images, or ``limit < 1``.
     """
 
-    def __init__(self, root: str, transform: Callable, limit: Optional[int] = None, exclude=()):
+    def __init__(self, root: str, transform: Callable, limit: Optional[int] = None, exclude=(),
+                 files: Optional[Sequence[str]] = None):
         if not os.path.isdir(root):
             raise DataError(f"data folder {root} does not exist")
         if limit is not None and limit < 1:
@@ -112,10 +114,12 @@ class ImageFolder(Dataset):
         classes = read_synsets(os.path.join(root, "synsets.txt"))
         self.num_classes = len(classes)
         skip = {os.path.abspath(p) for p in exclude}
-        files = sorted(f for f in os.listdir(root) if f.lower().endswith(IMAGE_SUFFIXES)
-                       and os.path.abspath(os.path.join(root, f)) not in skip)
-        self.samples = [(os.path.join(root, f), classes[f.split("_")[0]]) for f in files if f.split("_")[0] in classes]
-        self.unlisted = len(files) - len(self.samples)
+        only = None if files is None else {os.path.abspath(p) for p in files}
+        names = sorted(f for f in os.listdir(root) if f.lower().endswith(IMAGE_SUFFIXES)
+                       and os.path.abspath(os.path.join(root, f)) not in skip
+                       and (only is None or os.path.abspath(os.path.join(root, f)) in only))
+        self.samples = [(os.path.join(root, f), classes[f.split("_")[0]]) for f in names if f.split("_")[0] in classes]
+        self.unlisted = len(names) - len(self.samples)
         if not self.samples:
             raise DataError(f"no labelled images in {root}: expected files named <synset>_<name>.JPEG whose synset "
                             "is listed in synsets.txt")
@@ -150,10 +154,11 @@ def make_loader(dataset: ImageFolder, batch_size: int = 50, workers: int = 0) ->
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate)
 
 
-def load_images(root: str, transform: Callable, limit: Optional[int] = None) -> torch.Tensor:
-    """The first ``limit`` readable images of a folder as one tensor ``[N, 3, H, W]``
-    (a calibration set, for example)."""
-    ds = ImageFolder(root, transform, limit=limit)
+def load_images(root: str, transform: Callable, limit: Optional[int] = None,
+                files: Optional[Sequence[str]] = None) -> torch.Tensor:
+    """The first ``limit`` readable images of a folder (only ``files`` when given) as one tensor
+    ``[N, 3, H, W]`` (a calibration set, for example)."""
+    ds = ImageFolder(root, transform, limit=limit, files=files)
     xs = [x for x, _, _ in make_loader(ds, batch_size=32) if len(x)]
     return torch.cat(xs) if xs else torch.empty(0)
 

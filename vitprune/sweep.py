@@ -282,15 +282,6 @@ def split_images(data: str, calib: Optional[str], calib_images: int, limit: Opti
     return Split(cal, held, how)
 
 
-def _subset(root: str, files: list[str], transform):
-    from .data import ImageFolder
-
-    ds = ImageFolder(root, transform)
-    keep = set(files)
-    ds.samples = [s for s in ds.samples if s[0] in keep]
-    return ds
-
-
 def fingerprint_files(files: Sequence[str]) -> str:
     """SHA-256 (16 hex) over the names and sizes of ``files``."""
     h = hashlib.sha256()
@@ -541,7 +532,7 @@ def sweep(model_name: str, data: str, out: str, weights: Optional[str] = None, c
 
     from . import compile as vp_compile
     from .backends import get_backend
-    from .data import make_loader
+    from .data import ImageFolder, load_images, make_loader
     from .eval.metrics import evaluate
     from .ir.capture import capture
     from .ir.match import find_attention_sites
@@ -577,8 +568,8 @@ def sweep(model_name: str, data: str, out: str, weights: Optional[str] = None, c
     transform = eval_transform(model)
     split = split_images(data, calib, calib_images, limit, seed=seed)
     cal_root = calib or data
-    calibration = _load_files(cal_root, split.calibration, transform)
-    held_ds = _subset(data, split.heldout, transform)
+    calibration = load_images(cal_root, transform, files=split.calibration)
+    held_ds = ImageFolder(data, transform, files=split.heldout)
     heldout = _Batches(make_loader(held_ds, batch_size=batch_size), held_ds)
     if not sum(len(y) for _, y, _ in heldout):
         raise SweepError(f"none of the {len(split.heldout)} held-out images of {data} could be read")
@@ -718,13 +709,6 @@ def _finished(study) -> int:
 
 def _parity(backend: str, options: dict):
     return not (backend == "tvm" and options.get("target", "cpu") != "cpu")
-
-
-def _load_files(root: str, files: list[str], transform) -> torch.Tensor:
-    from .data import make_loader
-
-    xs = [x for x, _, _ in make_loader(_subset(root, files, transform), batch_size=32) if len(x)]
-    return torch.cat(xs)
 
 
 # --------------------------------------------------------------------------- re-timing the front

@@ -43,6 +43,17 @@ def test_unreadable_image_is_skipped_and_counted(small_folder):
     assert res["images"] == 3 and res["skipped"] == 1
 
 
+def test_files_restrict_the_folder_to_one_side_of_a_split(small_folder):
+    root, names = small_folder
+    t = lambda im: torch.zeros(1)                                            # noqa: E731
+    ds = ImageFolder(str(root), t, files=[os.path.join(str(root), names[2]), os.path.join(str(root), names[0])])
+    assert [os.path.basename(p) for p, _ in ds.samples] == [names[0], names[2]]   # file order, not the list's
+    ds = ImageFolder(str(root), t, files=[str(root / n) for n in names], exclude=[str(root / names[1])])
+    assert [os.path.basename(p) for p, _ in ds.samples] == [names[0], names[2]]
+    with pytest.raises(DataError, match="no labelled images"):
+        ImageFolder(str(root), t, files=[str(root / "elsewhere.JPEG")])
+
+
 def test_missing_synsets(tmp_path):
     (tmp_path / "n01440764_x.JPEG").write_bytes(b"")
     with pytest.raises(DataError, match="no synsets.txt"):
