@@ -121,6 +121,32 @@ def test_report_names_what_a_failed_trial_sampled():
                    "out of reach |"], md
 
 
+def test_weighted_schedule_reaches_budgets_its_weights_put_late():
+    """Weights that put most removal in late blocks reach budgets that s <= 1 cannot (4 of the 40 trials
+    of the documented sweep failed there): the scale may grow until the earliest layers take almost all
+    tokens. Reference for the GMACs: the FLOP counter on the compiled model."""
+    import vitprune
+    from vitprune.ir.capture import capture
+    from vitprune.ir.cost import ViTDims
+    from vitprune.ir.match import find_attention_sites
+    from vitprune.models import load_model
+    from vitprune.sweep import weighted_schedule
+
+    model = load_model("deit_tiny_patch16_224")
+    x = torch.zeros(1, 3, 224, 224)
+    gm = capture(model, (x,))
+    sites = find_attention_sites(gm)
+    info = ViTDims.from_graph(gm, sites, (3, 224, 224))
+    for blocks, w, target in [([3, 6, 9], [0.33, 0.8, 0.84], 0.697), ([4, 8], [0.08, 1.0], 0.856)]:
+        p = weighted_schedule({"rs_ratio": 0.7}, w, blocks, info, gm, sites, target)
+        assert p is not None, (blocks, w, target)
+        assert sum(p.counts) <= info.tokens - info.prefix - 1 and all(c > 0 for c in p.counts)
+        measured = vitprune.compile(model, [p], example_inputs=x, progress=False).report.gmacs_after
+        assert abs(measured - target) <= 0.015 * target, (p.counts, measured, target)
+    # below what any schedule over these blocks reaches (every block up to the first one dense)
+    assert weighted_schedule({"rs_ratio": 0.7}, [0.33, 0.8, 0.84], [3, 6, 9], info, gm, sites, 0.40) is None
+
+
 def test_split_is_disjoint_and_checks_the_held_out_count(tmp_path):
     s = split_images(DATA, None, 64, None)
     assert len(s.calibration) == 64 and len(s.heldout) == 436

@@ -77,9 +77,10 @@ def zero_tprune_layouts(depth: int) -> dict[str, list[int]]:
 
 def weighted_schedule(fixed: dict, weights: Sequence[float], blocks: list[int], info, gm, sites, target: float):
     """Zero-TPrune with per-layer removal counts ``round(s · w_i · M)`` (``w`` normalised to sum 1, ``M``
-    non-prefix tokens) over ``blocks``, the scale ``s`` bisected so that the analytic GMACs is the largest
-    not above ``target`` (within 1 %); ALGORITHMS.md §1d ("per-layer removal counts scaled to the FLOPs
-    budget, ±1 %"). Returns None when the budget is out of reach for these weights."""
+    non-prefix tokens; each count capped to leave one token) over ``blocks``, the scale ``s`` in
+    ``[0, 1 / min(w)]`` bisected so that the analytic GMACs is the largest not above ``target`` (within
+    1 %); ALGORITHMS.md §1d ("per-layer removal counts scaled to the FLOPs budget, ±1 %"). Returns None
+    when the budget is out of reach for these weights."""
     from .passes.tokens.zero_tprune import ZeroTPrune
 
     w = np.asarray(weights, dtype=float)
@@ -101,9 +102,12 @@ def weighted_schedule(fixed: dict, weights: Sequence[float], blocks: list[int], 
 
     from .ir.cost import bisect_budget
 
-    if make(1.0)[1] > target * 1.01:
+    # s = 1 removes M tokens in all (the caps aside); larger s front-loads the removal until the
+    # smallest-weight layer alone would take M, the cheapest schedule these weights can give
+    s_max = 1.0 / float(w.min())
+    if make(s_max)[1] > target * 1.01:
         return None
-    _, hi = bisect_budget(lambda s: make(s)[1], 0.0, 1.0, target, iters=30, increasing=False)
+    _, hi = bisect_budget(lambda s: make(s)[1], 0.0, s_max, target, iters=30, increasing=False)
     p, g = make(hi)
     return p if p is not None and abs(g - target) <= 0.01 * target else None
 
