@@ -5,7 +5,7 @@ selection subgraph: a constant ranking, a top-k and the gathers), next to the un
 All variants have the same token schedule (one ``zero-tprune`` spec, only ``importance`` changes),
 so their MACs differ only by the selection's own (tiny) MACs; the gap between ``random`` and
 ``wpr`` is what Zero-TPrune's selection subgraph costs in time. All sessions are timed round-robin
-in one run (median of --repeats calls, spinning off as in the sweep); the ONNX node count of each
+in one run (:func:`vitprune.eval.speed.interleaved`, median of --repeats calls, spinning off as in the sweep); the ONNX node count of each
 graph is printed next to it.
 
     python benchmarks/selection_cost.py --weights ../shared/models/deit_tiny_patch16_224.safetensors \\
@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import torch
-from tqdm.auto import tqdm
 
 import vitprune
+from vitprune.eval.speed import interleaved
 from vitprune.models import load_model
 
 
@@ -44,18 +43,10 @@ def main() -> None:
     variants = {"unpruned": []} | {imp: [f"{args.spec},importance={imp}"] for imp in ("wpr", "cls", "random")}
     mods = {k: vitprune.compile(model, p, backend="onnx", example_inputs=(torch.zeros_like(x),), progress=False,
                                 threads=args.threads, spin=False) for k, p in variants.items()}
-    times = {k: [] for k in mods}
-    for m in mods.values():
-        m(x)
-    with torch.no_grad():
-        for _ in tqdm(range(args.repeats), desc="round-robin", leave=False):
-            for k, m in mods.items():
-                t = time.perf_counter()
-                m(x)
-                times[k].append(time.perf_counter() - t)
+    times = interleaved(mods, x, args.repeats, warmup=1)
     base = statistics.median(times["unpruned"])
     print(f"{args.spec}, batch {args.batch_size}, {args.threads} threads, median of {args.repeats}")
-    print(f"| importance | ONNX nodes | GMACs | ms | speed-up |\n|---|---|---|---|---|")
+    print("| importance | ONNX nodes | GMACs | ms | speed-up |\n|---|---|---|---|---|")
     for k, m in mods.items():
         ms = statistics.median(times[k])
         print(f"| {k} | {len(m.lowered.model.graph.node)} | {m.report.gmacs_after:.3f} | {1000 * ms:.2f} | {base / ms:.2f}x |")

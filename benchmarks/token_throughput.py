@@ -15,30 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import timm
 import torch
-from tqdm.auto import tqdm
 
 import vitprune
-
-
-@torch.no_grad()
-def interleaved(fns: dict, x: torch.Tensor, repeats: int, warmup: int = 2) -> dict:
-    """Seconds per call of each fn on ``x``: warm-up, then ``repeats`` rounds calling every fn once
-    per round (order alternating), so that background load is shared."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn(x)
-    times = {k: [] for k in fns}
-    names = list(fns)
-    for i in tqdm(range(repeats), desc=f"batch {x.shape[0]}", leave=False):
-        for k in (names if i % 2 == 0 else names[::-1]):
-            t = time.perf_counter()
-            fns[k](x)
-            times[k].append(time.perf_counter() - t)
-    return times
+from vitprune.eval.speed import interleaved
 
 
 def main() -> None:

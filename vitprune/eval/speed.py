@@ -38,6 +38,23 @@ def time_call(fn: Callable, x: torch.Tensor, warmup: int = 3, repeats: int = 10)
     return times
 
 
+@torch.no_grad()
+def interleaved(fns: dict, x: torch.Tensor, repeats: int, warmup: int = 2, progress: bool = True) -> dict:
+    """Seconds per call of each callable of ``fns`` (name -> fn) on ``x``: ``warmup`` calls of each, then
+    ``repeats`` rounds that call every fn once (the order reversed every other round), so that load
+    from other processes hits all of them alike. Returns name -> ``repeats`` seconds."""
+    from tqdm.auto import tqdm
+
+    for fn in fns.values():
+        time_call(fn, x, warmup, 0)
+    times = {k: [] for k in fns}
+    names = list(fns)
+    for i in tqdm(range(repeats), desc=f"batch {x.shape[0]}", leave=False, disable=not progress):
+        for k in (names if i % 2 == 0 else names[::-1]):
+            times[k] += time_call(fns[k], x, 0, 1)
+    return times
+
+
 def throughput(fn: Callable, batch_size: int = 32, threads: int = 2, image_shape=(3, 224, 224),
                warmup: int = 2, repeats: int = 5) -> float:
     """Images per second of ``fn`` on random ``[batch_size, *image_shape]`` input, median of repeats."""
