@@ -115,9 +115,12 @@ class ImageFolder(Dataset):
         self.num_classes = len(classes)
         skip = {os.path.abspath(p) for p in exclude}
         only = None if files is None else {os.path.abspath(p) for p in files}
-        names = sorted(f for f in os.listdir(root) if f.lower().endswith(IMAGE_SUFFIXES)
-                       and os.path.abspath(os.path.join(root, f)) not in skip
-                       and (only is None or os.path.abspath(os.path.join(root, f)) in only))
+
+        def wanted(f: str) -> bool:
+            path = os.path.abspath(os.path.join(root, f))
+            return path not in skip and (only is None or path in only)
+
+        names = sorted(f for f in os.listdir(root) if f.lower().endswith(IMAGE_SUFFIXES) and wanted(f))
         self.samples = [(os.path.join(root, f), classes[f.split("_")[0]]) for f in names if f.split("_")[0] in classes]
         self.unlisted = len(names) - len(self.samples)
         if not self.samples:
