@@ -162,6 +162,20 @@ def test_split_is_disjoint_and_checks_the_held_out_count(tmp_path):
         split_images(str(tmp_path), None, 4, None)
 
 
+@needs_real
+def test_unreadable_calibration_images_are_named(tmp_path):
+    import vitprune
+
+    cal = tmp_path / "cal"
+    cal.mkdir()
+    shutil.copy(os.path.join(DATA, "synsets.txt"), cal / "synsets.txt")
+    for i in range(4):
+        (cal / f"n01440764_broken{i}.JPEG").write_bytes(b"not a jpeg")
+    with pytest.raises(SweepError, match=r"none of the 4 calibration images of .*cal could be read"):
+        vitprune.sweep("deit_tiny_patch16_224", DATA, str(tmp_path / "out"), calib=str(cal), calib_images=4,
+                       trials=1, progress=False)
+
+
 def test_unreachable_storage_is_named():
     url = "postgresql+psycopg2://user:secret@127.0.0.1:1/nodb"
     pytest.importorskip("psycopg2")

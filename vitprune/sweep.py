@@ -573,6 +573,8 @@ def sweep(model_name: str, data: str, out: str, weights: Optional[str] = None, c
     split = split_images(data, calib, calib_images, limit, seed=seed)
     cal_root = calib or data
     calibration = load_images(cal_root, transform, files=split.calibration)
+    if not len(calibration):
+        raise SweepError(f"none of the {len(split.calibration)} calibration images of {cal_root} could be read")
     held_ds = ImageFolder(data, transform, files=split.heldout)
     heldout = _Batches(make_loader(held_ds, batch_size=batch_size), held_ds)
     if not sum(len(y) for _, y, _ in heldout):
