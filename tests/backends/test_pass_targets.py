@@ -48,10 +48,30 @@ def test_cuda_builds_with_every_function_scheduled(pruned, recwarn):
     name, gm = pruned
     mod = TvmBackend().lower(gm, (X1,), target="cuda", progress=False)
     assert mod.family == "cuda" and mod.cuda_source.count("__global__") >= 5, name
-    if "zero-tprune" in name:  # dlight's GEMV rule asserts on its score reduction (the bug this guards)
-        assert any(f[1] == "GEMV" for f in mod.schedule_fallbacks), mod.schedule_fallbacks
     for fn, failed, err, used in mod.schedule_fallbacks:  # what replaced a failing rule is named
         assert failed != used and used in ("GEMV", "Reduction", "GeneralReduction", "Fallback") and err
+
+
+class _PairwiseRank(torch.nn.Module):
+    """Zero-TPrune's token ranking before 2026-12 (pairwise comparisons summed per token): the fused
+    ``expand_dims ... greater/equal ... sum`` kernel on which dlight's GEMV rule matches and then asserts."""
+
+    def forward(self, x):                                   # x [B, 3, H, W] -> [B, H*W] ranks, 0 = largest
+        s = x.mean(1).flatten(1)
+        si, sj = s.unsqueeze(-1), s.unsqueeze(-2)
+        pos = torch.arange(s.shape[-1])
+        before = (pos.unsqueeze(0) < pos.unsqueeze(1)).unsqueeze(0)
+        return ((sj > si) | ((sj == si) & before)).to(torch.float32).sum(-1)
+
+
+def test_cuda_build_moves_past_a_dlight_rule_that_raises():
+    """The kernel GEMV asserts on still builds: the next rule schedules it, and the module names both."""
+    gm = torch.fx.symbolic_trace(_PairwiseRank())
+    x = torch.randn(1, 3, 4, 5)
+    mod = TvmBackend().lower(gm, (x,), target="cuda", progress=False)
+    assert any(f[1] == "GEMV" and "AssertionError" in f[2] for f in mod.schedule_fallbacks), mod.schedule_fallbacks
+    for fn, failed, err, used in mod.schedule_fallbacks:
+        assert failed != used and used in ("Reduction", "GeneralReduction", "Fallback"), (fn, failed, used)
 
 
 @needs_cross

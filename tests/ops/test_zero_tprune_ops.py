@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from vitprune.ops.head_filter import eir_vhf, head_variance
 from vitprune.ops.similarity import key_features, partition_sizes, s_stage
-from vitprune.ops.token_select import gather_attention, gather_tokens, rank_desc, topk_keep
+from vitprune.ops.token_select import gather_tokens, order_key, topk_keep
 from vitprune.ops.wpr import wpr
 from vitprune.ops.zero_tprune_layer import cls_keep, random_keep, select_tokens
 
@@ -85,6 +85,25 @@ def test_wpr_properties(b, h, n, seed, iters, temp):
     assert torch.allclose(wpr(a[-1:], iters=iters, cls_init=True), wpr(a, iters=iters, cls_init=True)[-1:], atol=1e-6)
 
 
+@settings(**SETTINGS)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(3, 24), st.integers(0, 10_000), st.integers(0, 7),
+       st.booleans(), st.integers(1, 2), st.data())
+def test_masked_wpr_is_wpr_of_the_renormalised_subgraph(b, h, n, seed, iters, cls_init, num_init, data):
+    a = random_attention(b, h, n, seed, temp=2.0)
+    k = data.draw(st.integers(max(num_init, 1), n))
+    kept = torch.stack([torch.sort(torch.randperm(n, generator=torch.Generator().manual_seed(seed + i))[:k]).values
+                        for i in range(b)])
+    mask = torch.zeros(b, n)
+    for bi in range(b):
+        mask[bi, kept[bi]] = 1.0
+    s = wpr(a, iters, cls_init, num_init, mask=mask)
+    for bi in range(b):                                 # reference: index the sub-graph, renormalise its rows
+        sub = a[bi][:, kept[bi]][:, :, kept[bi]]
+        ref = wpr((sub / sub.sum(-1, keepdim=True))[None], iters, cls_init, num_init)[0]
+        assert torch.allclose(s[bi][:, kept[bi]], ref, rtol=1e-5, atol=1e-7)
+        assert bool((s[bi][:, mask[bi] == 0] == 0).all())
+
+
 # ------------------------------------------------------------------ EIR / VHF
 
 def eir_vhf_reference(s, vmin, vmax, var_norm):
@@ -119,6 +138,20 @@ def test_eir_vhf_matches_loop_reference(b, h, n, seed, var_norm, vmin, width, te
     vmax = vmin + width
     got = eir_vhf(s, vmin, vmax, var_norm)
     ref = eir_vhf_reference(s, vmin, vmax, var_norm)
+    assert torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-7)
+
+
+@settings(**SETTINGS)
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(3, 20), st.integers(0, 10_000),
+       st.sampled_from(["mean1", "sum_sq_dev", "raw"]), st.floats(0.0, 0.5), st.floats(0.0, 2.0), st.data())
+def test_masked_eir_vhf_is_eir_vhf_of_the_marked_tokens(b, h, n, seed, var_norm, vmin, width, data):
+    s = wpr(random_attention(b, h, n, seed, 2.0), iters=2, cls_init=True)
+    k = data.draw(st.integers(2, n))
+    kept = torch.sort(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]).values
+    mask = torch.zeros(b, n)
+    mask[:, kept] = 1.0
+    got = eir_vhf(s * mask.unsqueeze(1), vmin, vmin + width, var_norm, mask=mask)[:, kept]
+    ref = eir_vhf_reference(s[:, :, kept], vmin, vmin + width, var_norm)
     assert torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-7)
 
 
@@ -161,8 +194,24 @@ def test_topk_keep_matches_reference_with_ties(b, n, p, seed, data, ties):
     scores = torch.randint(0, 3, (b, n), generator=g).float() if ties else torch.randn(b, n, generator=g)
     idx = topk_keep(scores, keep, p)
     assert torch.equal(idx, topk_reference(scores, keep, p))
-    r = rank_desc(scores)
-    assert torch.equal(torch.sort(r, -1).values, torch.arange(n).float().expand(b, n))
+
+
+def test_order_key_orders_like_score_then_index_on_hard_values():
+    """Ties, +0/-0, subnormals, float32 neighbours, huge and negative scores: sorting the keys
+    gives the order of ``(-score, index)`` (the brute-force reference) and no two keys tie."""
+    tiny = float(np.nextafter(np.float32(0), np.float32(1)))                  # smallest subnormal
+    one_up = float(np.nextafter(np.float32(1), np.float32(2)))
+    hard = [0.0, -0.0, tiny, -tiny, 2 * tiny, 1.0, one_up, 1.0, -1.0, 3.4e38, -3.4e38, 1e-38, 1e-38,
+            0.5, 0.5, 0.5, 7.0, -0.0, 0.0, tiny]
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        perm = torch.randperm(len(hard), generator=g)
+        scores = torch.tensor([hard[i] for i in perm], dtype=torch.float32)[None]
+        key = order_key(scores)
+        got = torch.sort(key, -1, descending=True).indices[0].tolist()
+        ref = sorted(range(len(hard)), key=lambda i: (-float(scores[0, i]), i))
+        assert got == ref
+        assert len(set(key[0].tolist())) == len(hard)
 
 
 def test_gathers():
@@ -171,12 +220,6 @@ def test_gathers():
     idx = torch.tensor([[0, 2, 6], [0, 1, 3]])
     assert torch.equal(gather_tokens(x, idx)[1], x[1, [0, 1, 3]])
     assert torch.equal(gather_tokens(x[..., 0], idx)[0], x[0, [0, 2, 6], 0])
-    a = random_attention(2, 3, 7, 1)
-    sub = gather_attention(a, idx)
-    for b in range(2):                                   # every sample: the flat row offsets b·N (b·H·N)
-        manual = a[b][:, idx[b]][:, :, idx[b]]
-        assert torch.allclose(sub[b], manual / manual.sum(-1, keepdim=True))
-    assert torch.allclose(sub.sum(-1), torch.ones(2, 3, 3))
     # non-contiguous tokens (a permuted view, as q/k/v slices are) against advanced indexing
     xt = torch.randn(2, 5, 7, generator=g).transpose(1, 2)
     assert torch.equal(gather_tokens(xt, idx), xt[torch.arange(2).unsqueeze(1), idx])
@@ -254,6 +297,38 @@ def test_select_tokens_properties(b, h, n, p, seed, data, importance):
     assert bool((idx[:, 1:] > idx[:, :-1]).all())                        # ascending, distinct
     for i in range(b):                                                   # each sample alone
         assert torch.equal(select(attn[i:i + 1], keys[i:i + 1]), idx[i:i + 1])
+
+
+def select_tokens_reference(attn, keys, n_after_s, n_keep, p, iters):
+    """The layer as ALGORITHMS.md §1b writes it, one sample at a time from the loop references:
+    I' (1 WPR iteration) -> S-stage -> WPR on the indexed, renormalised sub-graph -> top-k."""
+    out = []
+    for bi in range(attn.shape[0]):
+        a, k = attn[bi:bi + 1], keys[bi:bi + 1]
+        pre = eir_vhf_reference(wpr(a, 1, True, max(p, 1)), 0.01, 0.7, "mean1")
+        kept = s_stage_reference(key_features(k), pre, attn.shape[-1] - n_after_s, p)[0]
+        sub = a[0][:, kept][:, :, kept]
+        imp = eir_vhf_reference(wpr((sub / sub.sum(-1, keepdim=True))[None], iters, True, max(p, 1)),
+                                0.01, 0.7, "mean1")
+        out.append(kept[topk_reference(imp, n_keep, p)[0]])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_select_tokens_matches_the_loop_reference(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, p = [(13, 1), (24, 0), (31, 2), (50, 1)][seed % 4]
+    nb, na = partition_sizes(n, p)
+    r_s = 1 + seed % na
+    n_keep = p + 1 + (seed * 7) % (n - r_s - p)
+    attn = random_attention(2, 3, n, seed, temp=2.0)
+    keys = torch.randn(2, 3, n, 4, generator=g)
+    if seed % 3 == 0:                               # duplicate tokens: tied scores and similarities
+        attn[:, :, :, 5] = attn[:, :, :, 2]
+        attn = attn / attn.sum(-1, keepdim=True)
+        keys[:, :, 7] = keys[:, :, 3]
+    got = select_tokens(attn, keys, n_after_s=n - r_s, n_keep=n_keep, num_prefix=p, iters=4)
+    assert torch.equal(got, select_tokens_reference(attn, keys, n - r_s, n_keep, p, 4))
 
 
 def test_select_tokens_wpr_without_s_stage_is_topk_of_eir():

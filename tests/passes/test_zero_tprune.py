@@ -115,7 +115,9 @@ def test_gmacs_match_independent_analytic_count(kw, layers):
 
 @pytest.mark.slow
 def test_target_gmacs_hit_within_one_percent():
-    m = tiny_vit(depth=6, img=96)
+    # dim 96: at dim 48 one token more per layer moves the GMACs by up to 3 %, so a budget can
+    # fall between two schedules (the next test)
+    m = tiny_vit(depth=6, img=96, dim=96)
     x = torch.randn(2, 3, 96, 96)
     base = gmacs(capture(m, (x,)), (3, 96, 96))
     for frac in (0.8, 0.65):
@@ -124,6 +126,22 @@ def test_target_gmacs_hit_within_one_percent():
         measured = gmacs(c.graph_module, (3, 96, 96))
         assert abs(measured - target) <= 0.01 * target, (measured, target)
         assert c.report.passes[0]["gmacs_target"] == pytest.approx(target, rel=1e-4)
+
+
+def test_budget_between_two_schedules_is_refused_with_the_nearest():
+    from vitprune.ir.cost import ViTDims
+
+    m = tiny_vit(depth=6, img=96)
+    x = torch.randn(2, 3, 96, 96)
+    gm = capture(m, (x,))
+    target = 0.65 * gmacs(gm, (3, 96, 96))
+    p = ZeroTPrune(prune_blocks=[0, 1, 2, 3], target_gmacs=target)
+    with pytest.raises(InvalidPassConfigError, match=r"cannot hit .* within 1 % .*nearest"):
+        vitprune.compile(m, [p], example_inputs=x, progress=False)
+    info = ViTDims.from_graph(gm, image_shape=(3, 96, 96))               # brute force over keep rates
+    reached = [p.analytic_gmacs(info, p._layers_from_keep(info, [0, 1, 2, 3], [k / 1000], clamp=True))
+               for k in range(20, 1001)]
+    assert min(abs(g - target) for g in reached) > 0.01 * target
 
 
 @pytest.mark.parametrize("depth", [2, 3, 4, 6, 12, 24])

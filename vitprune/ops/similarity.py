@@ -11,16 +11,16 @@ Sequential-U partition, Key features, cosine similarity, drop instead of merge).
    concatenated over heads (``[B, N, H·d]``, the recommendation) or averaged over heads.
 3. The ``r_S`` ``A`` tokens with the largest best-match similarity are removed.
 
-Everything uses static counts (``|A|``, ``|B|`` and ``r_S`` follow from ``N``), pairwise ranks
-(:mod:`.token_select`) for deterministic ties, ``topk``/``sort``/``gather`` and one batched
-matmul (``|A|·|B|·C`` MACs per sample, counted by FLOPs counters).
+Everything uses static counts (``|A|``, ``|B|`` and ``r_S`` follow from ``N``), tie-free order
+keys (:func:`.token_select.order_key`) for deterministic ties, ``topk``/``sort``/``gather`` and one
+batched matmul (``|A|·|B|·C`` MACs per sample, counted by FLOPs counters).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .token_select import gather_tokens, rank_desc, select_lowest
+from .token_select import gather_tokens, order_key, select_highest, select_lowest
 
 __all__ = ["key_features", "partition_sizes", "s_stage", "s_stage_macs"]
 
@@ -79,23 +79,23 @@ def s_stage(feats: torch.Tensor, importance: torch.Tensor, r_s: int, num_prefix:
     if not (0 <= r_s <= na):
         raise ValueError(f"s_stage: r_S={r_s} must lie in [0, |A_set|={na}] for N={n}, prefix={num_prefix}")
     dev = feats.device
-    rank = rank_desc(importance[:, num_prefix:])                     # [B, M], 0 = most important
-    b_idx = select_lowest(rank, nb) + num_prefix                      # [B, nb] more important half
-    a_idx = select_lowest(-rank, na) + num_prefix                     # [B, na] less important half
+    key = order_key(importance[:, num_prefix:])                       # [B, M], tie-free
+    b_idx = select_highest(key, nb) + num_prefix                      # [B, nb] more important half
+    a_idx = select_lowest(key, na) + num_prefix                       # [B, na] less important half
     fa = gather_tokens(feats, a_idx)                                  # [B, na, F]
     fb = gather_tokens(feats, b_idx)                                  # [B, nb, F]
     sim = torch.matmul(fa, fb.transpose(1, 2))                        # [B, na, nb] cosine
     best, best_j = sim.max(dim=-1)                                    # [B, na]
     # keep the na - r_s A tokens with the smallest best-match similarity
-    order = rank_desc(best)                                           # 0 = most redundant
-    a_keep = gather_tokens(a_idx, select_lowest(-order, na - r_s))    # [B, na - r_s]
+    order = order_key(best)                                           # larger = more redundant
+    a_keep = gather_tokens(a_idx, select_lowest(order, na - r_s))     # [B, na - r_s]
     parts = [b_idx, a_keep]
     if num_prefix:
         parts.insert(0, torch.arange(num_prefix, device=dev).unsqueeze(0).expand(b, num_prefix))
     kept = torch.sort(torch.cat(parts, dim=1), dim=-1).values
     if not return_match:
         return kept
-    drop_pos = select_lowest(order, r_s)                              # [B, r_s] positions in A
+    drop_pos = select_highest(order, r_s)                             # [B, r_s] positions in A
     removed = gather_tokens(a_idx, drop_pos)
     target = gather_tokens(b_idx, gather_tokens(best_j, drop_pos))
     return kept, removed, target

@@ -8,10 +8,11 @@ data-dependent shapes (TVM_NOTES.md §3).
 
 Tie-breaking (ALGORITHMS.md §1g pitfall 4): ``torch.topk`` returns tied elements in an
 unspecified order that differs from ORT/TVM's TopK (TVM_NOTES.md §3), and stable sorts do not
-lower to TVM. :func:`rank_desc` therefore computes each token's rank by explicit pairwise
-comparison (``O(N^2)`` per sample, tiny next to attention), with ties broken by the lower
-index. Ranks are distinct, so every later ``topk``/``sort`` sees no ties and all backends
-select exactly the same tokens.
+lower to TVM. :func:`order_key` therefore maps the scores to distinct float64 keys in the same
+order, ties broken by the lower index (``O(M)`` elementwise ops), so every later
+``topk``/``sort`` sees no ties and all backends select exactly the same tokens. (Until
+2026-12 this was a pairwise rank, ``O(M^2)`` comparisons per sample; the keys order the
+tokens identically at a fraction of the time: docs/decisions.md, "A lean Zero-TPrune selection".)
 
 Shapes: ``B`` batch, ``N`` tokens including the ``P`` prefix tokens (CLS, distillation),
 ``K`` kept tokens including the prefix tokens, ``C`` channels.
@@ -21,32 +22,51 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["rank_desc", "topk_keep", "gather_tokens", "gather_attention", "select_lowest"]
+__all__ = ["order_key", "select_highest", "select_lowest", "topk_keep", "gather_tokens"]
 
 
-def rank_desc(scores: torch.Tensor) -> torch.Tensor:
-    """Rank of every element in descending order of ``scores``, ties broken by lower index.
+#: ``2^-26``: each key moves its score by less than a quarter of a float32 ulp (:func:`order_key`).
+_KEY_STEP = 2.0 ** -26
+#: Added to ``|score|`` so that tied zeros are separated too (below float32's smallest subnormal).
+_KEY_FLOOR = 2.0 ** -160
+
+
+def order_key(scores: torch.Tensor) -> torch.Tensor:
+    """Distinct keys that order ``scores`` as ``(score descending, index ascending)`` does.
+
+    ``key_i = s_i - (|s_i| + 2^-160) * i * 2^-26 / M`` in float64. Every float32 score is exact
+    in float64, and the index term moves it by less than ``2^-26`` of its magnitude: far less
+    than the gap to the next float32 value (at least ``2^-24`` of it), far more than float64's
+    rounding (``2^-53``). So keys of different scores keep their order, keys of tied scores
+    (``+0`` and ``-0`` included) fall with the index, and no two keys are equal.
 
     Args:
-        scores: ``[B, M]`` float scores (NaN-free).
+        scores: ``[B, M]`` float scores (float32 or lower; finite, NaN-free), ``M <= 2^20``.
 
     Returns:
-        ``[B, M]`` float32 ranks: 0 for the largest score, ``M - 1`` for the smallest; a
-        permutation of ``0..M-1`` per row (exact in fp32 up to M = 2^24).
+        ``[B, M]`` float64 keys, pairwise distinct per row: larger key = larger score, or the same
+        score at a lower index.
     """
     m = scores.shape[-1]
-    s = scores.float()
-    si = s.unsqueeze(-1)                       # [B, M, 1]  (element i)
-    sj = s.unsqueeze(-2)                       # [B, 1, M]  (element j)
-    pos = torch.arange(m, device=scores.device)
-    j_before_i = (pos.unsqueeze(0) < pos.unsqueeze(1)).unsqueeze(0)   # [1, M, M]: j < i
-    beats = (sj > si) | ((sj == si) & j_before_i)                    # j ranks before i
-    return beats.to(torch.float32).sum(-1)
+    s = scores.float().to(torch.float64)
+    step = torch.arange(m, device=scores.device, dtype=torch.float64) * (_KEY_STEP / max(m, 1))
+    return s - (s.abs() + _KEY_FLOOR) * step
+
+
+def select_highest(key: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest entries of a tie-free ``key`` ``[B, M]`` (from :func:`order_key`),
+    sorted ascending by index.
+
+    Returns:
+        ``[B, k]`` int64 indices into ``M``, ascending.
+    """
+    idx = torch.topk(key, k, dim=-1, largest=True, sorted=True).indices
+    return torch.sort(idx, dim=-1).values
 
 
 def select_lowest(key: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` smallest entries of a tie-free ``key`` ``[B, M]``, sorted ascending
-    by index. ``key`` must have distinct values per row (e.g. ranks from :func:`rank_desc`).
+    """Indices of the ``k`` smallest entries of a tie-free ``key`` ``[B, M]`` (from :func:`order_key`),
+    sorted ascending by index: the complement of ``select_highest(key, M - k)``.
 
     Returns:
         ``[B, k]`` int64 indices into ``M``, ascending.
@@ -79,7 +99,7 @@ def topk_keep(importance: torch.Tensor, keep: int, num_prefix: int) -> torch.Ten
     rest = importance[:, num_prefix:]
     k_rest = keep - num_prefix
     if k_rest > 0:
-        kept = select_lowest(rank_desc(rest), k_rest) + num_prefix
+        kept = select_highest(order_key(rest), k_rest) + num_prefix
     else:
         kept = torch.zeros(b, 0, dtype=torch.int64, device=importance.device)
     if num_prefix == 0:
@@ -108,28 +128,3 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     b, n, c = x.shape
     rows = idx + torch.arange(b, device=idx.device).unsqueeze(1) * n                # [B, K] into B·N
     return x.reshape(b * n, c).index_select(0, rows.reshape(-1)).view(b, idx.shape[1], c)
-
-
-def gather_attention(attn: torch.Tensor, idx: torch.Tensor, renormalize: bool = True) -> torch.Tensor:
-    """The attention sub-matrix among kept tokens, rows re-normalised to sum to 1.
-
-    Row re-normalisation of softmax probabilities equals re-applying softmax to the logits
-    over the kept keys (ALGORITHMS.md §1b Step 3 recommendation).
-
-    Args:
-        attn: ``[B, H, N, N]`` attention probabilities (rows = queries).
-        idx: ``[B, K]`` kept indices.
-        renormalize: divide each row by its sum.
-
-    Returns:
-        ``[B, H, K, K]`` with ``out[b, h, i, j] = attn[b, h, idx[b, i], idx[b, j]]`` (normalised).
-    """
-    b, h, n, _ = attn.shape
-    k = idx.shape[1]
-    # whole rows (gather_tokens with every head as a sample), then the columns by gather
-    rows = gather_tokens(attn.reshape(b * h, n, n), idx.unsqueeze(1).expand(b, h, k).reshape(b * h, k))
-    rows = rows.view(b, h, k, n)                                                # [B,H,K,N]
-    sub = torch.gather(rows, 3, idx[:, None, None, :].expand(b, h, k, k))       # [B,H,K,K]
-    if renormalize:
-        sub = sub / sub.sum(-1, keepdim=True).clamp_min(1e-30)
-    return sub

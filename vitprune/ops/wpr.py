@@ -16,14 +16,16 @@ batched matrix product ``s[B,H,1,N] @ A[B,H,N,N]`` so FLOPs counters count it:
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
 __all__ = ["wpr", "wpr_macs"]
 
 
-def wpr(attn: torch.Tensor, iters: int, cls_init: bool = True, num_init: int = 1) -> torch.Tensor:
-    """Per-head WPR scores.
+def wpr(attn: torch.Tensor, iters: int, cls_init: bool = True, num_init: int = 1,
+        mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-head WPR scores, on the whole attention graph or on the sub-graph of the tokens ``mask`` marks.
 
     Args:
         attn: ``[B, H, N, N]`` attention probabilities, each row summing to 1 (any float dtype;
@@ -32,12 +34,25 @@ def wpr(attn: torch.Tensor, iters: int, cls_init: bool = True, num_init: int = 1
         cls_init: start the first ``num_init`` tokens (CLS) ``sqrt(N)`` times larger than the
             others (the classification variant); False gives the uniform start ``1/N``.
         num_init: how many leading tokens get the ``sqrt(N)`` start (1 = CLS only).
+        mask: ``[B, N]`` 0/1 floats, or None (every token). With a mask, WPR runs on the graph of
+            the ``K`` marked tokens only: the attention among them with rows re-normalised to sum
+            to 1 (ALGORITHMS.md §1b Step 3, the I-stage after the S-stage), ``N`` and the
+            ``sqrt(N)`` start read as ``K`` and given to the first ``num_init`` marked tokens.
+            The sub-matrix is never gathered: each iteration is ``s <- ((m * s) / r) @ A`` with
+            ``r = A @ m`` the rows' mass on the marked tokens, one more ``[N] @ [N, N]`` product
+            than without a mask and no ``[B, H, K, K]`` copy (measured: docs/decisions.md, "A lean
+            Zero-TPrune selection").
 
     Returns:
-        ``[B, H, N]`` float32 scores; with ``cls_init=False`` each ``[b, h]`` sums to 1.
+        ``[B, H, N]`` float32 scores; with ``cls_init=False`` each ``[b, h]`` sums to 1. With a
+        mask, 0 at unmarked tokens, and the marked ones equal (up to float rounding) the scores of
+        ``wpr`` on the ``[B, H, K, K]`` attention among the marked tokens (ascending order), rows
+        re-normalised.
     """
     a = attn.float()
     b, h, n, _ = a.shape
+    if mask is not None:
+        return _wpr_masked(a, iters, cls_init, num_init, mask.float())
     s = torch.full((1, 1, 1, n), 1.0 / n, dtype=torch.float32, device=a.device)
     if cls_init and num_init > 0:
         w = torch.ones(n, dtype=torch.float32, device=a.device)
@@ -49,6 +64,26 @@ def wpr(attn: torch.Tensor, iters: int, cls_init: bool = True, num_init: int = 1
     return s.reshape(b, h, n)
 
 
-def wpr_macs(num_heads: int, n: int, iters: int) -> int:
-    """MACs per sample of :func:`wpr` (what ``FlopCounterMode`` counts / 2)."""
-    return int(iters) * num_heads * n * n
+def _wpr_masked(a: torch.Tensor, iters: int, cls_init: bool, num_init: int, mask: torch.Tensor) -> torch.Tensor:
+    b, h, n, _ = a.shape
+    m = mask.view(b, 1, 1, n)                                         # [B, 1, 1, N]
+    k = m.sum(-1, keepdim=True)                                       # [B, 1, 1, 1] marked tokens
+    s = m / k                                                         # uniform start on the marked tokens
+    if cls_init and num_init > 0:
+        first = m * (torch.cumsum(m, -1) <= num_init).to(torch.float32)  # the first num_init marked tokens
+        s = s * (1.0 + first * (torch.sqrt(k) - 1.0))
+    s = s.expand(b, h, 1, n)
+    if int(iters) > 0:
+        rows = torch.matmul(m, a.transpose(-1, -2))                   # [B, H, 1, N]: r_i = sum_j A[i, j] m_j
+        w = m / rows.clamp_min(1e-30)                                 # 1 / r_i on marked rows, 0 elsewhere
+        for _ in range(int(iters)):
+            s = torch.matmul(s * w, a)
+        s = s * m
+    return s.reshape(b, h, n)
+
+
+def wpr_macs(num_heads: int, n: int, iters: int, masked: bool = False) -> int:
+    """MACs per sample of :func:`wpr` on ``n`` tokens (what ``FlopCounterMode`` counts / 2); ``masked``:
+    with a ``mask`` (the row-mass product adds one iteration's worth when ``iters > 0``)."""
+    extra = 1 if masked and int(iters) > 0 else 0
+    return (int(iters) + extra) * num_heads * n * n

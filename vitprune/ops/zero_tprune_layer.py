@@ -26,7 +26,7 @@ import torch
 
 from .head_filter import eir_vhf
 from .similarity import key_features, s_stage
-from .token_select import gather_attention, gather_tokens, rank_desc, select_lowest, topk_keep
+from .token_select import gather_tokens, order_key, select_lowest, topk_keep
 from .wpr import wpr
 
 __all__ = ["select_tokens", "cls_keep", "random_keep"]
@@ -88,8 +88,7 @@ def select_tokens(attn: torch.Tensor, keys: torch.Tensor, n_after_s: int, n_keep
         return (kept, none, none) if return_merge else kept
     kw = dict(vmin=vmin, vmax=vmax, var_norm=var_norm, use_vhf=use_vhf)
     ninit = max(num_prefix, 1) if cls_init else 0
-    kept, src, dst = None, none, none
-    sub = attn
+    kept, src, dst, mask = None, none, none, None
     feats = None
     if n_after_s < n:                                                  # I' -> S
         imp_pre = eir_vhf(wpr(attn, pre_iters, cls_init, ninit), **kw)
@@ -97,24 +96,32 @@ def select_tokens(attn: torch.Tensor, keys: torch.Tensor, n_after_s: int, n_keep
         kept, src, dst = s_stage(feats, imp_pre, n - n_after_s, num_prefix, return_match=True)
         if n_keep == n_after_s:
             return (kept, src, dst) if return_merge else kept
-        sub = gather_attention(attn.float(), kept)                     # attention among survivors
-    imp = eir_vhf(wpr(sub, iters, cls_init, ninit), **kw)              # I-stage
-    pos = topk_keep(imp, n_keep, num_prefix)
-    out = pos if kept is None else gather_tokens(kept, pos)
+        mask = 1.0 - _one_hot(src, n)                                  # [B, N]: the S-stage's survivors
+    imp = eir_vhf(wpr(attn, iters, cls_init, ninit, mask=mask), **kw, mask=mask)   # I-stage among them
+    out = topk_keep(imp if mask is None else torch.where(mask > 0, imp, -1.0), n_keep, num_prefix)
     if not return_merge:
         return out
     if merge_all and n_keep > num_prefix:
         feats = key_features(keys, feature) if feats is None else feats
-        src, dst = _merge_dropped(feats, imp, out, kept, src, dst, n_after_s - n_keep, num_prefix)
+        src, dst = _merge_dropped(feats, imp, mask, out, src, dst, n_after_s - n_keep, num_prefix)
     return out, src, dst
 
 
-def _merge_dropped(feats, imp, out, kept, src, dst, r_i: int, num_prefix: int):
+def _one_hot(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """``[B, N]`` float: 1 at the (distinct) indices ``idx [B, r]``, 0 elsewhere (no scatter: it
+    lowers everywhere, TVM_NOTES.md §3)."""
+    pos = torch.arange(n, device=idx.device)
+    return (idx.unsqueeze(-1) == pos).to(torch.float32).sum(1)
+
+
+def _merge_dropped(feats, imp, mask, out, src, dst, r_i: int, num_prefix: int):
     """``merge_all``: append the I-stage-removed tokens and their most similar kept non-prefix
     tokens to the S-stage pairs ``(src, dst)``; S targets removed by the I-stage are redirected.
+    ``imp [B, N]`` is the I-stage importance, ``mask`` the S-stage's survivors (None: all).
     ``r_I · (K - P) · F`` MACs (cosine matmul)."""
-    drop = select_lowest(-rank_desc(imp[:, num_prefix:]), r_i) + num_prefix        # complement of topk_keep
-    drop = drop if kept is None else gather_tokens(kept, drop)                     # [B, r_I] indices into N
+    if mask is not None:                                                           # S-removed: never "least important"
+        imp = torch.where(mask > 0, imp, torch.finfo(torch.float32).max)
+    drop = select_lowest(order_key(imp[:, num_prefix:]), r_i) + num_prefix         # complement of topk_keep
     targets = out[:, num_prefix:]                                                  # [B, K - P]
     sim = torch.matmul(gather_tokens(feats, drop), gather_tokens(feats, targets).transpose(1, 2))
     dst_i = gather_tokens(targets, sim.argmax(dim=-1))                             # [B, r_I]

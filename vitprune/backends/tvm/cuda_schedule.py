@@ -2,10 +2,12 @@
 
 TVM's default CUDA pipeline (``relax/backend/cuda/pipeline.py``) schedules every TIR function with
 the first dlight rule that matches it, in the order Matmul, GEMV, Reduction, GeneralReduction,
-Fallback. A rule that matches but then fails stops the whole build: on a token-pruned graph
-(a ``gather`` of kept tokens fused into the following layer norm or matmul) dlight's GEMV rule
-matches and then fails an assertion in ``collect_block_iter_vars_used_in_access_region``, so
-``vitprune export --pass zero-tprune:... --target cuda`` died with ``AssertionError:``.
+Fallback. A rule that matches but then fails stops the whole build: on Zero-TPrune's token ranking
+before 2026-12 (pairwise comparisons summed per token, a fused ``expand_dims ... greater/equal ...
+sum`` kernel) dlight's GEMV rule matched and then failed an assertion in
+``collect_block_iter_vars_used_in_access_region``, so ``vitprune export --pass zero-tprune:...
+--target cuda`` died with ``AssertionError:``. Today's selection (``ops/token_select.py``) no longer
+has that kernel; ``tests/backends/test_pass_targets.py`` keeps one to check the fallback.
 
 :func:`cuda_pipeline` is the same pipeline, except that a rule raising on a function is skipped
 and the next rule is tried for that function only; what was used instead is recorded in a

@@ -276,7 +276,7 @@ class ZeroTPrune(Pass):
                     extra += lp.n_in * lp.r_s * (info.embed_dim + 1)
                 extra += s_stage_macs(lp.n_in, info.prefix, self._fdim(b))
             if lp.r_i > 0:
-                extra += wpr_macs(b.heads, lp.n_after_s, lp.iters)
+                extra += wpr_macs(b.heads, lp.n_in, lp.iters, masked=lp.r_s > 0)   # masked to the S-stage's survivors
                 if self._merges_dropped():                        # I-removed -> kept cosine, merge matmuls
                     extra += lp.r_i * (lp.n_out - info.prefix) * self._fdim(b)
                     extra += lp.n_in * lp.r_i * (info.embed_dim + 1)
