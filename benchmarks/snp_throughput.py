@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
@@ -36,6 +35,7 @@ def main():
     import timm
 
     import vitprune
+    from vitprune.eval.speed import interleaved
 
     torch.manual_seed(0)
     model = timm.create_model(args.model).eval()
@@ -58,15 +58,7 @@ def main():
                                           calibration=calib, progress=False, **opts)
         print(f"{name}: {compiled[name].report.gmacs_after:.3f} GMACs", flush=True)
     x = torch.randn(args.batch, 3, 224, 224)
-    times = {n: [] for n in compiled}
-    with torch.no_grad():
-        for c in compiled.values():
-            c(x)
-        for r in range(args.rounds):
-            for n, c in compiled.items():
-                t = time.perf_counter()
-                c(x)
-                times[n].append(time.perf_counter() - t)
+    times = interleaved(compiled, x, args.rounds, warmup=1)
     base = args.batch / statistics.median(times["unpruned"])
     print()
     print(f"| model | GMACs | img/s ({args.backend}, batch {args.batch}, {args.threads} threads) | speed-up |")

@@ -1,5 +1,5 @@
 """Which backend runs a sweep's chosen point faster: the passes of a best.json and the unpruned model on
-onnxruntime and TVM, timed side by side in one run (alternating calls, median of repeats).
+onnxruntime and TVM, timed side by side in one run (round-robin calls, median of repeats).
 
     python benchmarks/sweep_backends.py --config sweep/best.json --weights ../shared/models/deit_tiny_patch16_224.safetensors \
         [--backends onnx,tvm] [--batch-size 1] [--repeats 15] [--json OUT]
@@ -14,7 +14,7 @@ import statistics
 import torch
 
 import vitprune
-from vitprune.eval.speed import time_call
+from vitprune.eval.speed import interleaved
 from vitprune.models import load_model
 from vitprune.passes.base import Pass
 
@@ -39,12 +39,7 @@ def main() -> None:
         mods[(be, "unpruned")] = vitprune.compile(model, [], backend=be, example_inputs=example, progress=False, **opts)
         mods[(be, "chosen")] = vitprune.compile(model, [Pass.from_config(c) for c in cfg["passes"]], backend=be,
                                                 example_inputs=example, progress=False, **opts)
-    for m in mods.values():
-        time_call(m, x, 2, 0)
-    times = {k: [] for k in mods}
-    for _ in range(args.repeats):                      # round-robin: every module sees the same load
-        for k, m in mods.items():
-            times[k] += time_call(m, x, 0, 1)
+    times = interleaved(mods, x, args.repeats)        # round-robin: every module sees the same load
     ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
     rows = [{"backend": be, "model": what, "ms": ms[(be, what)], "img_s": 1000 * args.batch_size / ms[(be, what)]}
             for be, what in mods]

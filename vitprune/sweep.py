@@ -325,17 +325,12 @@ def kl_and_agreement(ref_logits: torch.Tensor, logits: torch.Tensor) -> tuple[fl
 
 
 def side_by_side(base: Callable, fn: Callable, x: torch.Tensor, repeats: int, warmup: int = 1) -> tuple[float, float]:
-    """Median seconds per call of ``base(x)`` and ``fn(x)``, timed alternately (ABAB...) so that both see
-    the same machine load; ``warmup`` calls of each first (:func:`vitprune.eval.speed.time_call`)."""
-    from .eval.speed import time_call
+    """Median seconds per call of ``base(x)`` and ``fn(x)`` over ``repeats`` rounds that call both
+    (:func:`vitprune.eval.speed.interleaved`: the order flips every round, so both see the same load)."""
+    from .eval.speed import interleaved
 
-    time_call(base, x, warmup, 0)
-    time_call(fn, x, warmup, 0)
-    tb, tf = [], []
-    for _ in range(repeats):
-        tb += time_call(base, x, 0, 1)
-        tf += time_call(fn, x, 0, 1)
-    return statistics.median(tb), statistics.median(tf)
+    times = interleaved({"base": base, "fn": fn}, x, repeats, warmup, progress=False)
+    return statistics.median(times["base"]), statistics.median(times["fn"])
 
 
 # --------------------------------------------------------------------------- storage and study

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["order_key", "select_highest", "select_lowest", "topk_keep", "gather_tokens"]
+__all__ = ["order_key", "select_highest", "select_lowest", "topk_keep", "index_mask", "gather_tokens"]
 
 
 #: ``2^-26``: each key moves its score by less than a quarter of a float32 ulp (:func:`order_key`).
@@ -106,6 +106,21 @@ def topk_keep(importance: torch.Tensor, keep: int, num_prefix: int) -> torch.Ten
         return kept
     prefix = torch.arange(num_prefix, device=importance.device).unsqueeze(0).expand(b, num_prefix)
     return torch.cat([prefix, kept], dim=1)
+
+
+def index_mask(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Which of ``n`` positions ``idx`` names, as a 0/1 mask, without ``scatter`` (it lowers
+    everywhere, TVM_NOTES.md §3): ``out[b, j] = #{k : idx[b, k] = j}``.
+
+    Args:
+        idx: ``[B, r]`` int64 indices into ``n``, distinct per row (else entries count repeats).
+        n: ``N``, the number of positions.
+
+    Returns:
+        ``[B, N]`` float32: 1 at the indices ``idx``, 0 elsewhere.
+    """
+    pos = torch.arange(n, device=idx.device)
+    return (idx.unsqueeze(-1) == pos).to(torch.float32).sum(1)
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .merge import pack_selection
+from .token_select import index_mask
 
 __all__ = ["bipartite_soft_matching", "max_merge"]
 
@@ -79,7 +80,6 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int = 1) -
     dst = dst_b * 2 + 1
     # kept = all tokens except the sources, ascending: sort the key (merged * N + index)
     ar = torch.arange(n, device=dev)
-    merged = (src.unsqueeze(-1) == ar).any(dim=1)                              # [B,N] bool
-    key = merged.to(torch.int64) * n + ar                                      # distinct keys
+    key = index_mask(src, n).to(torch.int64) * n + ar                          # distinct keys: merged last
     kept = torch.topk(-key, n - r, dim=1, largest=True, sorted=True).indices   # [B,N-r] ascending
     return pack_selection(kept, src, dst)

@@ -26,7 +26,7 @@ import torch
 
 from .head_filter import eir_vhf
 from .similarity import key_features, s_stage
-from .token_select import gather_tokens, order_key, select_lowest, topk_keep
+from .token_select import gather_tokens, index_mask, order_key, select_lowest, topk_keep
 from .wpr import wpr
 
 __all__ = ["select_tokens", "cls_keep", "random_keep"]
@@ -96,7 +96,7 @@ def select_tokens(attn: torch.Tensor, keys: torch.Tensor, n_after_s: int, n_keep
         kept, src, dst = s_stage(feats, imp_pre, n - n_after_s, num_prefix, return_match=True)
         if n_keep == n_after_s:
             return (kept, src, dst) if return_merge else kept
-        mask = 1.0 - _one_hot(src, n)                                  # [B, N]: the S-stage's survivors
+        mask = 1.0 - index_mask(src, n)                                  # [B, N]: the S-stage's survivors
     imp = eir_vhf(wpr(attn, iters, cls_init, ninit, mask=mask), **kw, mask=mask)   # I-stage among them
     out = topk_keep(imp if mask is None else torch.where(mask > 0, imp, -1.0), n_keep, num_prefix)
     if not return_merge:
@@ -105,13 +105,6 @@ def select_tokens(attn: torch.Tensor, keys: torch.Tensor, n_after_s: int, n_keep
         feats = key_features(keys, feature) if feats is None else feats
         src, dst = _merge_dropped(feats, imp, mask, out, src, dst, n_after_s - n_keep, num_prefix)
     return out, src, dst
-
-
-def _one_hot(idx: torch.Tensor, n: int) -> torch.Tensor:
-    """``[B, N]`` float: 1 at the (distinct) indices ``idx [B, r]``, 0 elsewhere (no scatter: it
-    lowers everywhere, TVM_NOTES.md §3)."""
-    pos = torch.arange(n, device=idx.device)
-    return (idx.unsqueeze(-1) == pos).to(torch.float32).sum(1)
 
 
 def _merge_dropped(feats, imp, mask, out, src, dst, r_i: int, num_prefix: int):
