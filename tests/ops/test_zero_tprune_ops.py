@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from vitprune.ops.head_filter import eir_vhf, head_variance
 from vitprune.ops.similarity import key_features, partition_sizes, s_stage
-from vitprune.ops.token_select import gather_tokens, order_key, topk_keep
+from vitprune.ops.token_select import gather_tokens, index_mask, order_key, topk_keep
 from vitprune.ops.wpr import wpr
 from vitprune.ops.zero_tprune_layer import cls_keep, random_keep, select_tokens
 
@@ -194,6 +194,17 @@ def test_topk_keep_matches_reference_with_ties(b, n, p, seed, data, ties):
     scores = torch.randint(0, 3, (b, n), generator=g).float() if ties else torch.randn(b, n, generator=g)
     idx = topk_keep(scores, keep, p)
     assert torch.equal(idx, topk_reference(scores, keep, p))
+
+
+@given(st.integers(1, 3), st.integers(1, 40), st.integers(0, 10_000))
+@settings(**SETTINGS)
+def test_index_mask_matches_scatter(b, n, seed):
+    """The scatter-free mask equals ``scatter`` of ones at distinct indices (r from 0 to N)."""
+    g = torch.Generator().manual_seed(seed)
+    r = int(torch.randint(0, n + 1, (1,), generator=g))
+    idx = torch.stack([torch.randperm(n, generator=g)[:r] for _ in range(b)])
+    ref = torch.zeros(b, n).scatter_(1, idx, 1.0)
+    assert torch.equal(index_mask(idx, n), ref)
 
 
 def test_order_key_orders_like_score_then_index_on_hard_values():
