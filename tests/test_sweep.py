@@ -147,6 +147,54 @@ def test_weighted_schedule_reaches_budgets_its_weights_put_late():
     assert weighted_schedule({"rs_ratio": 0.7}, [0.33, 0.8, 0.84], [3, 6, 9], info, gm, sites, 0.40) is None
 
 
+def test_sampled_zero_tprune_budgets_stay_reachable():
+    """The budget is sampled after the schedule and above its floor, so no trial of a layout that cannot
+    go low (all 7 failures of the documented 40-trial sweep: ``prune_blocks=4;8`` asked below it) fails.
+    References: the FLOP counter on the compiled one-token-per-layer model for the floor, and the
+    pass's own budget check (``plan``) for every sampled trial."""
+    import optuna
+
+    import vitprune
+    from vitprune.ir.capture import capture
+    from vitprune.ir.cost import ViTDims
+    from vitprune.ir.match import find_attention_sites
+    from vitprune.models import load_model
+    from vitprune.passes.tokens.zero_tprune import ZeroTPrune
+    from vitprune.sweep import FLOOR_MARGIN, TOKEN_FRACS, Graph, suggest_passes, zero_tprune_layouts
+
+    model = load_model("deit_tiny_patch16_224")
+    x = torch.zeros(1, 3, 224, 224)
+    gm = capture(model, (x,))
+    sites = find_attention_sites(gm)
+    info = ViTDims.from_graph(gm, sites, (3, 224, 224))
+    graph = Graph(gm, sites, info, zero_tprune_layouts(info.depth))
+    m0 = info.tokens - info.prefix
+    lo, hi = ZeroTPrune(prune_blocks=[4, 8]).reachable_gmacs(gm, sites, info)
+    assert hi == pytest.approx(info.dense_gmacs, rel=1e-6)
+    floor_pass = ZeroTPrune(prune_blocks=[4, 8], counts=[m0 - 1, 0])       # one patch token after block 4
+    measured = vitprune.compile(model, [floor_pass], example_inputs=x, progress=False).report.gmacs_after
+    assert measured == pytest.approx(lo, rel=0.01)
+    with pytest.raises(vitprune.errors.InvalidPassConfigError, match="minimum"):
+        ZeroTPrune(prune_blocks=[4, 8], target_gmacs=0.9 * lo).plan(gm, sites, info)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), directions=["maximize"])
+    layouts_seen = set()
+    for _ in range(80):
+        trial = study.ask()
+        (p,) = suggest_passes(trial, ["zero-tprune"], graph, 64)      # raises if a budget is out of reach
+        frac = trial.params["zt_frac"]
+        blocks = graph.layouts[trial.params["zt_layout"]]
+        layouts_seen.add(trial.params["zt_layout"])
+        assert TOKEN_FRACS["zero-tprune"][0] <= frac <= TOKEN_FRACS["zero-tprune"][1]
+        assert p.plan(gm, sites, info)[1] == pytest.approx(frac * info.dense_gmacs, rel=0.01)
+        if trial.params["zt_profile"] == "uniform":
+            floor = ZeroTPrune(prune_blocks=blocks).reachable_gmacs(gm, sites, info)[0]
+            assert frac * info.dense_gmacs >= FLOOR_MARGIN * floor * (1 - 1e-9)
+        study.tell(trial, frac)
+    assert "two" in layouts_seen and len(layouts_seen) == len(graph.layouts)
+
+
 def test_split_is_disjoint_and_checks_the_held_out_count(tmp_path):
     s = split_images(DATA, None, 64, None)
     assert len(s.calibration) == 64 and len(s.heldout) == 436

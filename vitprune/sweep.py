@@ -21,7 +21,8 @@ Search space (one parameter set per method; :func:`suggest_passes`): the method 
 (``zero-tprune``, ``tome``, ``snp``, ``snp+zero-tprune``: SNP first, then token pruning on the
 narrower model), the GMACs budget (``target_gmacs`` as a fraction of the unpruned GMACs), the
 Zero-TPrune schedule (pruning blocks, keep profile: one uniform keep rate, or per-layer weights
-scaled to the budget, and the S/I split ``rs_ratio``), SNP's budget, allocation and calibration
+scaled to the budget, and the S/I split ``rs_ratio``; sampled before the budget, which then stays
+above what the schedule can reach, :data:`FLOOR_MARGIN`), SNP's budget, allocation and calibration
 images. The study is stored in an Optuna storage: by default a journal file under the output folder
 (rerunning resumes; a finished study adds no trials), or any Optuna storage URL shared by many
 workers. Trials are planned up front as a queue of waiting trials, and a worker takes one with an
@@ -75,12 +76,11 @@ def zero_tprune_layouts(depth: int) -> dict[str, list[int]]:
     return out
 
 
-def weighted_schedule(fixed: dict, weights: Sequence[float], blocks: list[int], info, gm, sites, target: float):
-    """Zero-TPrune with per-layer removal counts ``round(s · w_i · M)`` (``w`` normalised to sum 1, ``M``
-    non-prefix tokens; each count capped to leave one token) over ``blocks``, the scale ``s`` in
-    ``[0, 1 / min(w)]`` bisected so that the analytic GMACs is the largest not above ``target`` (within
-    1 %); ALGORITHMS.md §1d ("per-layer removal counts scaled to the FLOPs budget, ±1 %"). Returns None
-    when the budget is out of reach for these weights."""
+def _weighted_maker(fixed: dict, weights: Sequence[float], blocks: list[int], info, gm, sites):
+    """``(make, s_max)``: ``make(s)`` is the Zero-TPrune pass (None when it removes nothing) and its
+    analytic GMACs for per-layer removal counts ``round(s · w_i · M)`` (``w`` normalised to sum 1, ``M``
+    non-prefix tokens, each count capped to leave one token); ``s_max = 1 / min(w)`` front-loads the
+    removal until the smallest-weight layer alone would take ``M``: the cheapest schedule these weights give."""
     from .passes.tokens.zero_tprune import ZeroTPrune
 
     w = np.asarray(weights, dtype=float)
@@ -100,11 +100,18 @@ def weighted_schedule(fixed: dict, weights: Sequence[float], blocks: list[int], 
         p.validate()
         return p, p.plan(gm, sites, info)[1]
 
+    return make, 1.0 / float(w.min())
+
+
+def weighted_schedule(fixed: dict, weights: Sequence[float], blocks: list[int], info, gm, sites, target: float):
+    """Zero-TPrune with per-layer removal counts ``round(s · w_i · M)`` (``w`` normalised to sum 1, ``M``
+    non-prefix tokens; each count capped to leave one token) over ``blocks``, the scale ``s`` in
+    ``[0, 1 / min(w)]`` bisected so that the analytic GMACs is the largest not above ``target`` (within
+    1 %); ALGORITHMS.md §1d ("per-layer removal counts scaled to the FLOPs budget, ±1 %"). Returns None
+    when the budget is out of reach for these weights."""
     from .ir.cost import bisect_budget
 
-    # s = 1 removes M tokens in all (the caps aside); larger s front-loads the removal until the
-    # smallest-weight layer alone would take M, the cheapest schedule these weights can give
-    s_max = 1.0 / float(w.min())
+    make, s_max = _weighted_maker(fixed, weights, blocks, info, gm, sites)
     if make(s_max)[1] > target * 1.01:
         return None
     _, hi = bisect_budget(lambda s: make(s)[1], 0.0, s_max, target, iters=30, increasing=False)
@@ -112,34 +119,80 @@ def weighted_schedule(fixed: dict, weights: Sequence[float], blocks: list[int], 
     return p if p is not None and abs(g - target) <= 0.01 * target else None
 
 
+@dataclass
+class Schedule:
+    """A sampled Zero-TPrune schedule without its budget: pruning ``blocks``, keep ``profile``
+    (``uniform`` | ``weighted``), per-layer ``weights`` (``weighted`` only) and ``rs_ratio``."""
+
+    blocks: list[int]
+    profile: str
+    rs_ratio: float
+    weights: Optional[list[float]] = None
+
+    def floor_gmacs(self, info, gm, sites, fixed: Optional[dict] = None) -> float:
+        """The lowest analytic GMACs per image this schedule reaches on the model: one patch token kept
+        at each layer (uniform; :meth:`ZeroTPrune.reachable_gmacs`), or the weights' cheapest scale
+        (weighted; :func:`weighted_schedule`).
+
+        Raises:
+            InvalidPassConfigError: a pruning block outside the model.
+        """
+        from .passes.tokens.zero_tprune import ZeroTPrune
+
+        fixed = {**(fixed or {}), "rs_ratio": self.rs_ratio}
+        if self.profile == "uniform":
+            return ZeroTPrune(prune_blocks=list(self.blocks), **fixed).reachable_gmacs(gm, sites, info)[0]
+        make, s_max = _weighted_maker(fixed, self.weights, self.blocks, info, gm, sites)
+        return make(s_max)[1]
+
+    def build(self, target: float, info, gm, sites, fixed: Optional[dict] = None):
+        """The Zero-TPrune pass of this schedule at ``target`` GMACs per image.
+
+        Raises:
+            InvalidPassConfigError: the budget is out of reach for this schedule.
+        """
+        from .passes.tokens.zero_tprune import ZeroTPrune
+
+        fixed = {**(fixed or {}), "rs_ratio": self.rs_ratio}
+        if self.profile == "uniform":
+            p = ZeroTPrune(prune_blocks=list(self.blocks), target_gmacs=_g(target), **fixed)
+            p.validate()
+            p.plan(gm, sites, info)                          # budget checks now, before any graph work
+            return p
+        p = weighted_schedule(fixed, self.weights, self.blocks, info, gm, sites, target)
+        if p is None:
+            raise InvalidPassConfigError(f"zero-tprune: {target:.3f} GMACs out of reach for blocks {self.blocks} "
+                                         f"with weights {np.round(self.weights, 2).tolist()}")
+        return p
+
+
+def suggest_schedule(trial, layouts: dict[str, list[int]], prefix: str = "zt_") -> Schedule:
+    """The trial's Zero-TPrune schedule: layout (a name of ``layouts``), keep profile (``uniform``: one
+    keep rate solved by the pass; ``weighted``: per-layer weights in [0.05, 1] scaled to the budget by
+    :func:`weighted_schedule`) and ``rs_ratio`` (0.3..1.0, step 0.1)."""
+    name = trial.suggest_categorical(prefix + "layout", list(layouts))
+    blocks = list(layouts[name])
+    profile = trial.suggest_categorical(prefix + "profile", ["uniform", "weighted"])
+    rs = round(trial.suggest_float(prefix + "rs_ratio", 0.3, 1.0, step=0.1), 2)
+    weights = None
+    if profile == "weighted":
+        weights = [trial.suggest_float(f"{prefix}w{i}", 0.05, 1.0) for i in range(len(blocks))]
+    return Schedule(blocks, profile, rs, weights)
+
+
 def suggest_zero_tprune(trial, target: float, info, gm, sites, layouts: dict[str, list[int]], prefix: str = "zt_",
                         fixed: Optional[dict] = None):
-    """A Zero-TPrune pass for ``target`` GMACs from the trial's schedule parameters: layout, keep
-    profile (``uniform``: one keep rate solved by the pass; ``weighted``: per-layer weights in
-    [0.05, 1] scaled by :func:`weighted_schedule`) and ``rs_ratio`` (0.3..1.0, step 0.1); ``fixed``: other
-    ZeroTPrune options kept as given.
+    """A Zero-TPrune pass for a fixed ``target`` GMACs from the trial's schedule (:func:`suggest_schedule`);
+    ``fixed``: other ZeroTPrune options kept as given.
 
     Raises:
         InvalidPassConfigError: the budget is out of reach for the sampled schedule.
     """
-    from .passes.tokens.zero_tprune import ZeroTPrune
+    return suggest_schedule(trial, layouts, prefix).build(target, info, gm, sites, fixed)
 
-    name = trial.suggest_categorical(prefix + "layout", list(layouts))
-    blocks = layouts[name]
-    profile = trial.suggest_categorical(prefix + "profile", ["uniform", "weighted"])
-    rs = round(trial.suggest_float(prefix + "rs_ratio", 0.3, 1.0, step=0.1), 2)
-    fixed = {**(fixed or {}), "rs_ratio": rs}
-    if profile == "uniform":
-        p = ZeroTPrune(prune_blocks=list(blocks), target_gmacs=_g(target), **fixed)
-        p.validate()
-        p.plan(gm, sites, info)                              # budget checks now, before any graph work
-        return p
-    weights = [trial.suggest_float(f"{prefix}w{i}", 0.05, 1.0) for i in range(len(blocks))]
-    p = weighted_schedule(fixed, weights, blocks, info, gm, sites, target)
-    if p is None:
-        raise InvalidPassConfigError(f"zero-tprune: {target:.3f} GMACs out of reach for blocks {blocks} "
-                                     f"with weights {np.round(weights, 2).tolist()}")
-    return p
+
+#: a sampled budget stays this far above its schedule's floor (at the floor one patch token is left).
+FLOOR_MARGIN = 1.05
 
 
 def suggest_snp(trial, target: float) -> "Any":
@@ -167,9 +220,17 @@ def suggest_passes(trial, methods: Sequence[str], graph, calibration_size: int) 
     dense = graph.info.dense_gmacs
     lo, hi = TOKEN_FRACS[method]
     key = {"zero-tprune": "zt_frac", "tome": "tome_frac", "snp": "snp_frac", "snp+zero-tprune": "combo_frac"}[method]
-    frac = trial.suggest_float(key, lo, hi)
     if method == "zero-tprune":
-        return [suggest_zero_tprune(trial, frac * dense, graph.info, graph.gm, graph.sites, graph.layouts)]
+        # the schedule first, then a budget it can reach: the lower bound moves with the schedule's floor
+        sched = suggest_schedule(trial, graph.layouts)
+        floor = FLOOR_MARGIN * sched.floor_gmacs(graph.info, graph.gm, graph.sites) / dense
+        if floor >= hi:
+            raise InvalidPassConfigError(f"zero-tprune: blocks {sched.blocks} ({sched.profile}) reach no lower "
+                                         f"than {floor / FLOOR_MARGIN:.1%} of the unpruned GMACs; the sweep "
+                                         f"searches budgets below {hi:.0%}")
+        frac = trial.suggest_float(key, max(lo, floor), hi)
+        return [sched.build(frac * dense, graph.info, graph.gm, graph.sites)]
+    frac = trial.suggest_float(key, lo, hi)
     if method == "tome":
         p = ToMe(target_gmacs=_g(frac * dense))
         p.validate()

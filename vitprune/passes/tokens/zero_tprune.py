@@ -312,14 +312,32 @@ class ZeroTPrune(Pass):
             plans = self._solve(info, blocks, self._target(info))
         return plans, self.analytic_gmacs(info, plans)
 
+    def reachable_gmacs(self, gm: GraphModule, sites: Optional[list[AttentionSite]] = None,
+                        info: Optional[ViTDims] = None) -> tuple[float, float]:
+        """``(lowest, highest)`` analytic GMACs per image that a uniform keep rate over this config's
+        pruning blocks reaches on ``gm``: one patch token kept at each layer, and every token kept.
+        A ``target_gmacs`` below ``lowest · 0.99`` is refused by :meth:`plan`.
+
+        Raises:
+            InvalidPassConfigError: a pruning block outside the model.
+        """
+        info = info or ViTDims.from_graph(gm, sites)
+        blocks = self._blocks(info)
+        g = self._uniform_gmacs(info, blocks)
+        return g(self._k_min(info)), g(1.0)
+
+    def _uniform_gmacs(self, info: ViTDims, blocks: list[int]):
+        return lambda k: self.analytic_gmacs(info, self._layers_from_keep(info, blocks, [k], clamp=True))
+
+    @staticmethod
+    def _k_min(info: ViTDims) -> float:
+        """The lowest keep rate that still rounds to one patch token."""
+        return 0.5 / (info.tokens - info.prefix) + 1e-9
+
     def _solve(self, info: ViTDims, blocks: list[int], target: float) -> list[LayerPlan]:
         """Uniform keep rate over ``blocks`` whose analytic GMACs hit ``target`` within 1 %."""
-        m0 = info.tokens - info.prefix
-
-        def g(k):
-            return self.analytic_gmacs(info, self._layers_from_keep(info, blocks, [k], clamp=True))
-
-        k_min = 0.5 / m0 + 1e-9
+        g = self._uniform_gmacs(info, blocks)
+        k_min = self._k_min(info)
         lo_g, hi_g = g(k_min), g(1.0)
         if target < lo_g * 0.99:
             raise InvalidPassConfigError(
