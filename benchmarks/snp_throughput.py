@@ -27,7 +27,7 @@ def main():
     ap.add_argument("--backend", choices=("torch", "onnx"), default="torch")
     ap.add_argument("--round-to", nargs="+", default=["default", "1"],
                     help="one preset row per value: layer widths rounded to multiples of it ('default': the "
-                         "preset's default, 8; 1 = the released widths, whose odd sizes such as 307 or 150 run "
+                         "preset's default, 16 for deit-s and deit-b, 8 for deit-t and deit-s-small; 1 = the released widths, whose odd sizes such as 307 or 150 run "
                          "far below peak in oneDNN on some CPUs)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

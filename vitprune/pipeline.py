@@ -26,7 +26,8 @@ from .passes.base import Pass, PassContext, parse_pass_spec
 #: or the CLI's ``--calib``.
 PIPELINES: dict[str, list[str]] = {
     # README's fastest SNP + token recipe on DeiT-S: SNP's released widths (rounded to multiples
-    # of 8), then Zero-TPrune at -30 % of the SNP model's GMACs (measured: docs/results.md, "SNP speed").
+    # of 16, the preset's default), then Zero-TPrune at -31 % of the SNP model's 2.04 GMACs
+    # (measured: docs/results.md, "SNP speed").
     "deit-s-fast": ["snp:preset=deit-s", "zero-tprune:target_gmacs=1.41"],
 }
 

@@ -66,6 +66,53 @@ def block_macs(tokens: int, dim: int, heads: int, qk: int, v: int, mlp: int) -> 
     return BlockDims(heads=heads, qk=qk, v=v, mlp_hidden=mlp).block_macs(tokens, dim)
 
 
+#: default ``round_to`` candidates for a preset, widest first, and how far (relative) the rounded
+#: preset's GMACs may lie from the released widths' (docs/decisions.md, "SNP: round_to")
+PRESET_ROUND_TO = (16, 8)
+PRESET_ROUND_TOL = 0.01
+
+
+def preset_widths(key: str, round_to: int) -> tuple[list[int], list[int], list[int], int]:
+    """A preset's kept widths ``(qk, v, mlp, embed)`` (per head for q-k and v, per block for the MLP,
+    the residual width) rounded to multiples of ``round_to`` by :func:`round_widths`.
+
+    Raises:
+        KeyError: ``key`` is not a key of :data:`vitprune.passes.snp.presets.PRESETS`.
+    """
+    p = PRESETS[key]
+    a = p["arch"]
+    return (round_widths(p["qk"], round_to, a["head_dim"]), round_widths(p["v"], round_to, a["head_dim"]),
+            round_widths(p["mlp"], round_to, a["mlp"]), round_widths([p["embed"]], round_to, a["embed_dim"])[0])
+
+
+def preset_gmacs(key: str, round_to: int, tokens: int = 197) -> float:
+    """Analytic GMACs per image of a preset's blocks and 16x16 patch embedding at ``tokens`` tokens
+    (197: 224x224 input with a CLS token), widths rounded to ``round_to`` (:func:`block_macs`)."""
+    qk, v, mlp, embed = preset_widths(key, round_to)
+    heads = PRESETS[key]["arch"]["num_heads"]
+    macs = sum(block_macs(tokens, embed, heads, qk[i], v[i], mlp[i]) for i in range(len(qk)))
+    return (macs + (tokens - 1) * embed * 3 * 16 * 16) / 1e9
+
+
+def preset_round_to(preset: str) -> int:
+    """A preset's default ``round_to``: the widest of :data:`PRESET_ROUND_TO` whose rounded widths keep
+    the analytic GMACs within :data:`PRESET_ROUND_TOL` of the released widths' (16 for ``deit-s`` and
+    ``deit-b``, 8 for ``deit-t`` and ``deit-s-small``); ALGORITHMS.md §2g pitfall 6 (odd widths waste
+    GEMM tiles).
+
+    Raises:
+        InvalidPassConfigError: an unknown preset.
+    """
+    key = preset_name(preset)
+    if key not in PRESETS:
+        raise InvalidPassConfigError(f"snp: unknown preset '{preset}'; choose from {', '.join(sorted(PRESETS))}")
+    released = preset_gmacs(key, 1)
+    for r in PRESET_ROUND_TO:
+        if abs(preset_gmacs(key, r) / released - 1) <= PRESET_ROUND_TOL:
+            return r
+    return PRESET_ROUND_TO[-1]
+
+
 def _check_ratio(name: str, value, allow_list: bool = True) -> None:
     vals = value if isinstance(value, (list, tuple)) else [value]
     for i, r in enumerate(vals):
@@ -119,7 +166,9 @@ class SNP(RecoveryOptions, Pass):
         calib_images: number of calibration images (default 64).
         round_to: round kept widths (per head for q-k and v, per layer for fc1 and the residual
             stream) to multiples of this, >= 1. ALGORITHMS.md §2g pitfall 6: odd widths waste GEMM
-            and attention-kernel tiles. Default (None): 8 for ``preset``, 1 otherwise. Preset
+            and attention-kernel tiles. Default (None): for ``preset``, 16 where that keeps the
+            GMACs within 1 % of the released widths' (``deit-s``, ``deit-b``), else 8
+            (:func:`preset_round_to`); 1 otherwise. Preset
             widths are rounded by error diffusion along the blocks (:func:`round_widths`), which
             keeps the width sums and the GMACs close to the released ones; ``round_to=1`` gives
             the released widths exactly (why this default: docs/decisions.md, "SNP: round_to").
@@ -200,10 +249,11 @@ class SNP(RecoveryOptions, Pass):
     # ------------------------------------------------------------------ planning
     @property
     def granularity(self) -> int:
-        """The effective ``round_to``: 8 for presets, 1 otherwise, unless set."""
+        """The effective ``round_to``: the preset's (:func:`preset_round_to`) for presets, 1 otherwise,
+        unless set."""
         if self.round_to is not None:
             return self.round_to
-        return 8 if self.preset is not None else 1
+        return preset_round_to(self.preset) if self.preset is not None else 1
 
     def uses_fisher_allocation(self) -> bool:
         """True when the widths come from :func:`vitprune.passes.snp.allocation.allocate`."""
@@ -323,12 +373,9 @@ class SNP(RecoveryOptions, Pass):
         if found != a:
             diff = ", ".join(f"{k}={found[k]} (preset {a[k]})" for k in a if found[k] != a[k])
             raise InvalidPassConfigError(f"snp: preset '{key}' is for another architecture: model has {diff}")
-        r = self.granularity
-        qk = round_widths(p["qk"], r, a["head_dim"])
-        v = round_widths(p["v"], r, a["head_dim"])
-        mlp = round_widths(p["mlp"], r, a["mlp"])
+        qk, v, mlp, embed = preset_widths(key, self.granularity)
         plans = [BlockPlan(heads=s.num_heads, qk=qk[i], v=v[i], mlp=mlp[i]) for i, s in enumerate(sites)]
-        return plans, round_widths([p["embed"]], r, a["embed_dim"])[0]
+        return plans, embed
 
     # ------------------------------------------------------------------ running
     def needs_fisher(self) -> bool:
