@@ -63,3 +63,25 @@ def test_token_budget_on_snp_pruned_widths(token_pass):
     both = vitprune.compile(model, [snp, f"{token_pass}:target_gmacs={target}"], example_inputs=x,
                             calibration=calib, progress=False)
     assert abs(both.report.gmacs_after - target) <= 0.01 * target, (both.report.gmacs_after, target)
+
+
+@pytest.mark.parametrize("first,second,earlier", [
+    ("zero-tprune:prune_blocks=1,keep=0.7", "tome:r=1", "zero-tprune after blocks [1]"),
+    ("zero-tprune:prune_blocks=1,keep=0.7,mode=prune", "zero-tprune:prune_blocks=3,keep=0.7", "zero-tprune after blocks [1]"),
+    ("tome:r=1", "zero-tprune:prune_blocks=2,keep=0.7", "tome after blocks [0, 1, 2, 3, 4, 5]"),
+    ("tome:r=1", "tome:r=1", "tome after blocks [0, 1, 2, 3, 4, 5]"),
+])
+def test_a_token_pass_after_another_is_refused(first, second, earlier, capfd):
+    """Token passes plan from the first block's tokens; on tokens an earlier pass reduced that gave
+    a shape error deep inside torch (tome second) or a model that silently ignored its keep rate
+    (zero-tprune twice). Now: one line naming the earlier layers and the fix, before any editing."""
+    model = tiny_vit()
+    x = torch.randn(2, 3, 64, 64)
+    name = second.split(":")[0]
+    with pytest.raises(vitprune.errors.InvalidPassConfigError) as e:
+        vitprune.compile(model, [first, second], example_inputs=x, progress=False)
+    msg = str(e.value)
+    assert f"{name}: the tokens are already reduced" in msg and earlier in msg and "\n" not in msg
+    assert "Traceback" not in capfd.readouterr().err
+    # the same layers in one pass are fine
+    vitprune.compile(model, [first], example_inputs=x, progress=False)

@@ -21,11 +21,41 @@ from typing import Iterable, Optional
 
 from torch.fx import GraphModule, Node
 
+from ...errors import InvalidPassConfigError
 from ...ir.attention import add_size_bias
 from ...ir.capture import recapture
 from ...ir.rewrite import copy_source_meta, relax_token_dim
 from ...ir.sites import AttentionSite
+from ...ir.tags import token_select_outputs
 from ...ops.merge import unit_sizes
+
+#: the pass that writes each kind of token-selection tag (:func:`vitprune.ir.tags.tag_token_select`)
+_TAG_PASS = {"prune": "zero-tprune", "merge": "zero-tprune", "tome": "tome"}
+
+
+def require_unreduced_tokens(name: str, gm: GraphModule, sites: list[AttentionSite]) -> None:
+    """Refuse a graph whose blocks do not all see the same number of tokens.
+
+    A token pass plans its schedule from the tokens of the first block and carries token sizes
+    from its own first merge; on a graph an earlier token pass already reduced, both would be
+    wrong (a silently different model, or a shape error deep inside torch). SNP and head pruning
+    change widths, not tokens, and compose with a token pass in either order.
+
+    Raises:
+        InvalidPassConfigError: the tokens are already reduced; names the blocks' token counts,
+            the earlier layers when they are tagged, and the fix.
+    """
+    counts = [s.num_tokens for s in sites]
+    if len(set(counts)) <= 1:
+        return
+    by = {}
+    for _, tag in token_select_outputs(gm):
+        by.setdefault(_TAG_PASS.get(tag["kind"], tag["kind"]), []).append(tag["block"])
+    earlier = "; ".join(f"{p} after blocks {sorted(set(b))}" for p, b in by.items()) or "the model itself"
+    raise InvalidPassConfigError(
+        f"{name}: the tokens are already reduced (blocks see {counts[0]} down to {min(counts)} tokens: {earlier}); "
+        "token passes do not stack: put every pruning layer into one zero-tprune (prune_blocks=...) or tome "
+        "(r=[...]) pass; snp and head-prune compose with it before or after")
 
 
 class TokenRewrite:

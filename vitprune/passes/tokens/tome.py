@@ -31,7 +31,7 @@ from ...ir.tags import tag_token_select
 from ...ops import tome as tome_ops
 from ...ops.merge import merge_packed
 from ..base import Pass, PassContext, register_pass
-from .skeleton import TokenRewrite
+from .skeleton import TokenRewrite, require_unreduced_tokens
 
 aten = torch.ops.aten
 
@@ -137,8 +137,8 @@ class ToMe(Pass):
 
     Raises:
         InvalidPassConfigError: neither or both of ``r``/``target_gmacs``; negative counts;
-            ``inflection`` outside [-1, 1]; a budget ToMe cannot reach (checked when run, before
-            the graph is edited).
+            ``inflection`` outside [-1, 1]; a budget ToMe cannot reach, or tokens an earlier
+            token pass already reduced (both checked when run, before the graph is edited).
     """
 
     r: Optional[Union[int, list[int]]] = None
@@ -168,6 +168,7 @@ class ToMe(Pass):
         sites = sites if sites is not None else find_attention_sites(gm)
         if not sites:
             raise InvalidPassConfigError("tome: the model has no attention blocks to merge tokens in")
+        require_unreduced_tokens("tome", gm, sites)
         dims = ViTDims.from_graph(gm, sites, image_shape)
         other = dims.dense_gmacs * 1e9 - tome_gmacs(dims, [0] * dims.depth) * 1e9
         if self.target_gmacs is not None:

@@ -87,7 +87,7 @@ from ...ops.merge import mark, merge_tokens, pack_selection, packed_kept
 from ...ops.wpr import wpr_macs
 from ...ops.zero_tprune_layer import cls_keep, random_keep, select_tokens
 from ..base import Pass, PassContext, register_pass
-from .skeleton import TokenRewrite
+from .skeleton import TokenRewrite, require_unreduced_tokens
 
 #: the paper's DeiT-S budgets (Zero-TP-a/b/c, GMACs) over our dense DeiT-S count (4.5989 GMACs);
 #: a preset applies the same fraction of the dense GMACs to any model.
@@ -123,8 +123,9 @@ class ZeroTPrune(Pass):
         InvalidPassConfigError: keep rate outside (0, 1], negative counts, no or several
             schedule sources, unknown mode / preset / importance / var_norm / feature, bad
             VHF band or rs_ratio; once the model is known (still before editing): a block
-            index outside ``0..depth-2``, more tokens removed than a layer has, or a
-            budget outside what the schedule can reach.
+            index outside ``0..depth-2``, more tokens removed than a layer has, a
+            budget outside what the schedule can reach, or tokens an earlier token pass
+            already reduced (token passes do not stack; SNP composes in either order).
     """
 
     prune_blocks: Optional[list[int]] = None
@@ -299,8 +300,11 @@ class ZeroTPrune(Pass):
         """The per-layer token counts this config gives on ``gm`` and their analytic GMACs.
 
         Raises:
-            InvalidPassConfigError: the schedule does not fit the model (see the class doc).
+            InvalidPassConfigError: the schedule does not fit the model (see the class doc), or an
+                earlier token pass already reduced its tokens (:func:`require_unreduced_tokens`).
         """
+        sites = sites if sites is not None else find_attention_sites(gm)
+        require_unreduced_tokens("zero-tprune", gm, sites)
         info = info or ViTDims.from_graph(gm, sites)
         blocks = self._blocks(info)
         if self.keep is not None:
