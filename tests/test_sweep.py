@@ -16,7 +16,7 @@ import torch
 
 from vitprune.errors import DataError, SweepError
 from vitprune.sweep import (open_storage, open_study, pareto_front, parse_pick, pick_best, planned_trials,
-                            retime_front, split_images, take_waiting_trial, with_retimes)
+                            retime_front, split_images, take_waiting_trial, trial_records, with_retimes)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared")
@@ -267,7 +267,7 @@ def test_backend_that_cannot_take_the_model_leaves_no_study(tmp_path, monkeypatc
 # --------------------------------------------------------------------------- real DeiT-T, real images
 @needs_real
 @pytest.mark.slow
-def test_short_sweep_on_real_deit_tiny(tmp_path):
+def test_short_sweep_on_real_deit_tiny(tmp_path, monkeypatch):
     import vitprune
     from vitprune.data import ImageFolder, make_loader
     from vitprune.eval.metrics import evaluate
@@ -277,7 +277,12 @@ def test_short_sweep_on_real_deit_tiny(tmp_path):
     out = str(tmp_path / "sw")
     kw = dict(weights=WEIGHTS, backend="torch", methods=["zero-tprune", "tome"], trials=3, limit=24, calib_images=8,
               batch_size=8, latency_repeats=3, batch_repeats=2, progress=False, pick="max-drop=100")
+    builds = []
+    real_compile = vitprune.compile
+    monkeypatch.setattr(vitprune, "compile", lambda *a, **k: builds.append(1) or real_compile(*a, **k))
     res = vitprune.sweep("deit_tiny_patch16_224", DATA, out, **kw)
+    n_builds = len(builds)
+    monkeypatch.setattr(vitprune, "compile", real_compile)
     assert res.ran == 3 and not res.failed
     done = [r for r in res.records if r["state"] == "COMPLETE"]
     assert {r["plain"] for r in done} == {True, False}            # each method's plain point, then a sampled one
@@ -291,6 +296,12 @@ def test_short_sweep_on_real_deit_tiny(tmp_path):
     assert res.front and all(r.get("retimed") for r in res.front)
     assert all(r["trial_latency_ratio"] > 0 for r in res.front)
     retimed = dict(res.study.user_attrs["retimed"])
+    # models still on a front (by the trials' own times) after the last trial are re-timed as built; only
+    # the others are built again: the unpruned model, 3 trials, and those
+    own = [r for r in trial_records(res.study, retimes=False) if r["state"] == "COMPLETE"]
+    held = {r["number"] for x in ("latency_ratio", "batch_ratio") for r in pareto_front(own, x=x)}
+    assert {int(n) for n in retimed} & held
+    assert n_builds == 1 + 3 + len({int(n) for n in retimed} - held)
     for name in ("frontier.png", "frontier.json", "report.md", "best.json"):
         assert os.path.getsize(os.path.join(out, name)) > 0
     doc = json.load(open(os.path.join(out, "frontier.json")))

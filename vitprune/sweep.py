@@ -7,8 +7,9 @@ searches pass pipelines and keeps, per trial, two objectives measured in this ru
 * the batch-1 latency ratio to the unpruned model on the chosen backend (minimised), measured
   side by side with the unpruned model inside the trial (alternating calls, median of repeats).
 
-When every planned trial has finished, the trials on either Pareto front are rebuilt and timed again
-side by side with the unpruned model, with ``retime`` times as many call pairs (:func:`retime_front`):
+When every planned trial has finished, the trials on either Pareto front are timed again side by
+side with the unpruned model, with ``retime`` times as many call pairs (:func:`retime_front`; models
+this process still holds are re-timed as built, the others are rebuilt):
 a trial's few pairs at the throughput batch can catch a load change that the front then rewards.
 The report, the plot, the pick and ``best.json`` use those times; each trial keeps its own in
 ``trial_*`` keys.
@@ -576,7 +577,8 @@ def sweep(model_name: str, data: str, out: str, weights: Optional[str] = None, c
         latency_repeats, batch_repeats: timed call pairs per trial at batch 1 / at ``batch_size``.
         retime: once the plan is done (and not as a ``worker``), re-time the front trials with ``retime``
             times as many pairs (:func:`retime_front`; stored in the study, so done once); 0: keep the
-            trials' own times.
+            trials' own times. The models of this process's trials stay built while they are on a front
+            (memory: one front's worth of models) and are re-timed as built; the others are rebuilt.
 
     Returns:
         a :class:`SweepResult`; ``out`` holds ``frontier.png``, ``frontier.json``, ``report.md`` and, when a
@@ -681,6 +683,10 @@ def sweep(model_name: str, data: str, out: str, weights: Optional[str] = None, c
     base_res, base_logits = predict(base_b)
     base = {"top1": base_res["top1"], "images": base_res["images"], "gmacs": base_c.report.gmacs_after}
 
+    # the built models of this process's trials that are on a front (memory: a front's worth of models):
+    # re-timing reuses them instead of building them again (a rebuild is most of a re-timing's time)
+    built: dict[int, tuple] = {}
+
     def objective(trial) -> tuple[float, float]:
         bar = tqdm(total=len(heldout) + 2, desc=f"trial {trial.number}", leave=False, disable=not progress)
         try:
@@ -696,6 +702,7 @@ def sweep(model_name: str, data: str, out: str, weights: Optional[str] = None, c
             res, logits = predict(mod_b, bar)
             agree, kl = kl_and_agreement(base_logits, logits)
             times = time_pair(mod_1, mod_b, latency_repeats, batch_repeats)
+            built[trial.number] = (mod_b, mod_1)
             bar.update(1)
         finally:
             bar.close()
@@ -713,9 +720,18 @@ def sweep(model_name: str, data: str, out: str, weights: Optional[str] = None, c
         return {"latency_ms": 1000 * t1, "base_latency_ms": 1000 * b1, "latency_ratio": t1 / b1,
                 "img_s": batch_size / tb, "base_img_s": batch_size / bb, "batch_ratio": tb / bb}
 
+    def keep_front_models() -> None:
+        done = [r for r in trial_records(study, retimes=False) if r.get("state") == "COMPLETE"]
+        on_front = {r["number"] for fr in (pareto_front(done), pareto_front(done, x="batch_ratio")) for r in fr}
+        for n in [n for n in built if n not in on_front]:
+            del built[n]
+
     def retime_one(rec: dict) -> dict:
         from .passes.base import Pass
 
+        if rec["number"] in built:
+            mod_b, mod_1 = built.pop(rec["number"])
+            return time_pair(mod_1, mod_b, retime * latency_repeats, retime * batch_repeats)
         compiled = vp_compile(model, [Pass.from_config(c) for c in rec["passes"]], backend=backend,
                               example_inputs=example, calibration=calibration, progress=False,
                               check_parity=_parity(backend, options), **options)
@@ -749,6 +765,7 @@ def sweep(model_name: str, data: str, out: str, weights: Optional[str] = None, c
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
         else:
             study.tell(trial, list(values))
+        keep_front_models()
         ran += 1
         bar.update(1)
     bar.close()
@@ -990,7 +1007,7 @@ def report_markdown(front, front_batch, failed, base, split, pick_msg, model_nam
                  f"{r['img_s']:.1f}", speedup(r, "batch_ratio")] for r in rs]
 
     n_re = sum(1 for r in front + front_batch if r.get("retimed"))
-    retimed_note = (" The front trials were built again after the last trial and re-timed side by side with the "
+    retimed_note = (" The front trials were re-timed after the last trial side by side with the "
                     "unpruned model with more call pairs; their speed-ups are those, with the trial's own in "
                     "parentheses." if n_re else "")
 
