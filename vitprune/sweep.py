@@ -702,7 +702,8 @@ def sweep(model_name: str, data: str, out: str, weights: Optional[str] = None, c
             res, logits = predict(mod_b, bar)
             agree, kl = kl_and_agreement(base_logits, logits)
             times = time_pair(mod_1, mod_b, latency_repeats, batch_repeats)
-            built[trial.number] = (mod_b, mod_1)
+            if retime and not worker:                # only this kind of run re-times at the end
+                built[trial.number] = (mod_b, mod_1)
             bar.update(1)
         finally:
             bar.close()
