@@ -722,21 +722,21 @@ def sweep(model_name: str, data: str, out: str, weights: Optional[str] = None, c
                 "img_s": batch_size / tb, "base_img_s": batch_size / bb, "batch_ratio": tb / bb}
 
     def keep_front_models() -> None:
-        done = [r for r in trial_records(study, retimes=False) if r.get("state") == "COMPLETE"]
-        on_front = {r["number"] for fr in (pareto_front(done), pareto_front(done, x="batch_ratio")) for r in fr}
+        if not built:
+            return
+        on_front = on_either_front(trial_records(study, retimes=False))
         for n in [n for n in built if n not in on_front]:
             del built[n]
 
     def retime_one(rec: dict) -> dict:
         from .passes.base import Pass
 
-        if rec["number"] in built:
-            mod_b, mod_1 = built.pop(rec["number"])
-            return time_pair(mod_1, mod_b, retime * latency_repeats, retime * batch_repeats)
-        compiled = vp_compile(model, [Pass.from_config(c) for c in rec["passes"]], backend=backend,
-                              example_inputs=example, calibration=calibration, progress=False,
-                              check_parity=_parity(backend, options), **options)
-        mod_b, mod_1 = lower(compiled)
+        mods = built.pop(rec["number"], None)
+        if mods is None:
+            mods = lower(vp_compile(model, [Pass.from_config(c) for c in rec["passes"]], backend=backend,
+                                    example_inputs=example, calibration=calibration, progress=False,
+                                    check_parity=_parity(backend, options), **options))
+        mod_b, mod_1 = mods
         return time_pair(mod_1, mod_b, retime * latency_repeats, retime * batch_repeats)
 
     import socket
@@ -831,9 +831,7 @@ def retime_front(records: list[dict], measure: Callable[[dict], dict], retimed: 
     """
     retimed = dict(retimed or {})
     while True:
-        done = [r for r in with_retimes(records, retimed) if r.get("state") == "COMPLETE"]
-        todo = {r["number"]: r for fr in (pareto_front(done), pareto_front(done, x="batch_ratio"))
-                for r in fr if str(r["number"]) not in retimed}
+        todo = {n: r for n, r in on_either_front(with_retimes(records, retimed)).items() if str(n) not in retimed}
         if not todo:
             return retimed
         for n, r in sorted(todo.items()):
@@ -887,6 +885,12 @@ def pareto_front(records: list[dict], x: str = "latency_ratio", y: str = "top1")
     ok = [r for r in records if r.get("state") == "COMPLETE"]
     front = [r for r in ok if not any(o[y] >= r[y] and o[x] <= r[x] and (o[y] > r[y] or o[x] < r[x]) for o in ok)]
     return sorted(front, key=lambda r: (r[x], -r[y]))
+
+
+def on_either_front(records: list[dict]) -> dict[int, dict]:
+    """Trial number -> record of the completed records on the batch-1 front or the batch-throughput
+    front (:func:`pareto_front` with ``x="latency_ratio"`` and ``x="batch_ratio"``)."""
+    return {r["number"]: r for x in ("latency_ratio", "batch_ratio") for r in pareto_front(records, x=x)}
 
 
 def parse_pick(rule: str) -> tuple[str, float]:
